@@ -1,0 +1,572 @@
+"""The KCP engine: sans-I/O, byte-for-byte compatible with ikcp.c v1.
+
+Theory of operation
+-------------------
+`KCP` is the control block of one conversation.  The caller owns every
+side effect: it passes datagrams in (`input`), takes datagrams out through
+the `output` callback, and drives time by calling `update(current)` with a
+32-bit millisecond clock.  Nothing here reads a clock, touches a socket or
+imports gevent.
+
+Given the same calls and the same clock the engine emits the same
+datagrams (bytes, order, boundaries), returns the same codes and holds the
+same control-block fields as the reference ikcp.c (skywind3000/kcp, 2024
+release, built with IKCP_FASTACK_CONSERVE).  Method and field names follow
+ikcp so the two can be read side by side; the reference's `nodelay` field
+is `nodelay_` here because `nodelay()` is the method.
+
+Where the data structures differ from ikcp's linked lists, the observable
+behaviour does not:
+
+* the send buffer is a deque holding every sequence number from `snd_una`
+  to `snd_nxt - 1` in order; an acknowledged segment in the middle is only
+  marked (`acked`) and is dropped once it reaches the front.  That makes an
+  ACK O(1) instead of a list walk, and keeps iteration order identical.
+* the receive buffer is a dict keyed by sequence number: ikcp keeps it
+  sorted and unique, and only ever asks "is sn present" and "is rcv_nxt
+  next", which a dict answers directly.
+
+Rules this module keeps: all sequence/time arithmetic is modulo 2**32 and
+compared with `_diff` (ikcp's `_itimediff`); no per-call allocation beyond
+the datagrams themselves on the hot paths.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Callable, Deque, Dict, List, Optional
+
+__all__ = ["KCP", "CMD_PUSH", "CMD_ACK", "CMD_WASK", "CMD_WINS", "OVERHEAD"]
+
+CMD_PUSH = 81  # data
+CMD_ACK = 82  # acknowledgement
+CMD_WASK = 83  # window probe: please tell me your window
+CMD_WINS = 84  # window tell
+
+ASK_SEND = 1  # we need to send a WASK
+ASK_TELL = 2  # we need to send a WINS
+
+OVERHEAD = 24
+RTO_NDL = 30  # minimum rto with nodelay
+RTO_MIN = 100
+RTO_DEF = 200
+RTO_MAX = 60000
+WND_SND = 32
+WND_RCV = 128  # also the largest fragment count of one message
+MTU_DEF = 1400
+INTERVAL = 100
+DEADLINK = 20
+THRESH_INIT = 2
+THRESH_MIN = 2
+PROBE_INIT = 7000
+PROBE_LIMIT = 120000
+FASTACK_LIMIT = 5
+
+MASK = 0xFFFFFFFF
+_HEADER = struct.Struct("<IBBHIIII")
+_pack_header = _HEADER.pack
+_unpack_header_from = _HEADER.unpack_from
+
+
+def _diff(later: int, earlier: int) -> int:
+    """ikcp's _itimediff: signed 32-bit difference of two u32 values."""
+    return ((later - earlier + 0x80000000) & MASK) - 0x80000000
+
+
+class _Segment:
+    """A data segment in the send buffer (the receive side keeps tuples)."""
+
+    __slots__ = ("sn", "frg", "ts", "resendts", "rto", "fastack", "xmit", "data", "acked")
+
+    def __init__(self, frg: int, data: bytes) -> None:
+        self.frg = frg
+        self.data = data
+        self.sn = 0
+        self.ts = 0
+        self.resendts = 0
+        self.rto = 0
+        self.fastack = 0
+        self.xmit = 0
+        self.acked = False
+
+
+class KCP:
+    """One KCP conversation (ikcp's ikcpcb)."""
+
+    def __init__(self, conv: int, output: Callable[[bytes], object]) -> None:
+        self.conv = conv & MASK
+        self.output = output
+        self.snd_una = 0
+        self.snd_nxt = 0
+        self.rcv_nxt = 0
+        self.ts_recent = 0
+        self.ts_lastack = 0
+        self.ts_probe = 0
+        self.probe_wait = 0
+        self.snd_wnd = WND_SND
+        self.rcv_wnd = WND_RCV
+        self.rmt_wnd = WND_RCV
+        self.cwnd = 0
+        self.incr = 0
+        self.probe = 0
+        self.mtu = MTU_DEF
+        self.mss = MTU_DEF - OVERHEAD
+        self.stream = 0
+        self.state = 0
+        self.rx_srtt = 0
+        self.rx_rttval = 0
+        self.rx_rto = RTO_DEF
+        self.rx_minrto = RTO_MIN
+        self.current = 0
+        self.interval = INTERVAL
+        self.ts_flush = INTERVAL
+        self.nodelay_ = 0
+        self.updated = 0
+        self.ssthresh = THRESH_INIT
+        self.fastresend = 0
+        self.fastlimit = FASTACK_LIMIT
+        self.nocwnd = 0
+        self.xmit = 0
+        self.dead_link = DEADLINK
+        self.snd_queue: Deque[_Segment] = deque()
+        # snd_buf holds sn snd_una .. snd_nxt-1 contiguously (see module doc).
+        self.snd_buf: Deque[_Segment] = deque()
+        self.nsnd_buf = 0
+        self.rcv_queue: Deque[tuple] = deque()  # (frg, data)
+        self.rcv_buf: Dict[int, tuple] = {}  # sn -> (frg, data)
+        self.acklist: List[int] = []  # flat: sn, ts, sn, ts, ...
+
+    # -- counters ikcp keeps as fields --------------------------------------
+    @property
+    def nsnd_que(self) -> int:
+        return len(self.snd_queue)
+
+    @property
+    def nrcv_que(self) -> int:
+        return len(self.rcv_queue)
+
+    @property
+    def nrcv_buf(self) -> int:
+        return len(self.rcv_buf)
+
+    @property
+    def ackcount(self) -> int:
+        return len(self.acklist) >> 1
+
+    # -- user side ------------------------------------------------------------
+    def peeksize(self) -> int:
+        """Size of the next whole message, or -1 if none is complete."""
+        queue = self.rcv_queue
+        if not queue:
+            return -1
+        frg, data = queue[0]
+        if frg == 0:
+            return len(data)
+        if len(queue) < frg + 1:
+            return -1
+        length = 0
+        for frg, data in queue:
+            length += len(data)
+            if frg == 0:
+                break
+        return length
+
+    def recv(self) -> Optional[bytes]:
+        """Return the next whole message (one segment in stream mode), or None."""
+        queue = self.rcv_queue
+        if not queue or self.peeksize() < 0:
+            return None
+        recover = len(queue) >= self.rcv_wnd
+        popleft = queue.popleft
+        frg, data = popleft()
+        if frg:
+            parts = [data]
+            while frg:
+                frg, data = popleft()
+                parts.append(data)
+            data = b"".join(parts)
+        self._move_rcv_buf()
+        if recover and len(queue) < self.rcv_wnd:
+            self.probe |= ASK_TELL  # the window reopened: tell the peer
+        return data
+
+    def send(self, data: bytes) -> int:
+        """Queue `data` (one message, or bytes of a stream).
+
+        Returns the number of bytes queued, or -2 when a message would need
+        128 fragments or more (in stream mode: the bytes appended to the last
+        queued segment before that, if any).
+        """
+        mss = self.mss
+        length = len(data)
+        offset = 0
+        queue = self.snd_queue
+        if self.stream:
+            if queue:
+                last = queue[-1]
+                room = mss - len(last.data)
+                if room > 0:
+                    offset = min(length, room)
+                    queue.pop()
+                    queue.append(_Segment(0, last.data + data[:offset]))
+            if offset >= length:
+                return offset
+        rest = length - offset
+        count = (rest + mss - 1) // mss if rest > mss else 1
+        if count >= WND_RCV:
+            return offset if offset > 0 else -2
+        if offset == 0 and count == 1:
+            queue.append(_Segment(0, bytes(data)))
+            return length
+        stream = self.stream
+        for i in range(count):
+            end = offset + mss
+            queue.append(_Segment(0 if stream else count - i - 1, bytes(data[offset:end])))
+            offset = end
+        return length
+
+    def waitsnd(self) -> int:
+        return self.nsnd_buf + len(self.snd_queue)
+
+    # -- configuration --------------------------------------------------------
+    def setmtu(self, mtu: int) -> int:
+        if mtu < 50 or mtu < OVERHEAD:
+            return -1
+        self.mtu = mtu
+        self.mss = mtu - OVERHEAD
+        return 0
+
+    def wndsize(self, sndwnd: int, rcvwnd: int) -> int:
+        if sndwnd > 0:
+            self.snd_wnd = sndwnd
+        if rcvwnd > 0:
+            self.rcv_wnd = max(rcvwnd, WND_RCV)
+        return 0
+
+    def nodelay(self, nodelay: int, interval: int, resend: int, nc: int) -> int:
+        if nodelay >= 0:
+            self.nodelay_ = nodelay
+            self.rx_minrto = RTO_NDL if nodelay else RTO_MIN
+        if interval >= 0:
+            self.interval = min(max(interval, 10), 5000)
+        if resend >= 0:
+            self.fastresend = resend
+        if nc >= 0:
+            self.nocwnd = nc
+        return 0
+
+    # -- network side ---------------------------------------------------------
+    def input(self, datagram: bytes) -> int:
+        """Feed one datagram from the peer. 0, or -1 (short/wrong conv), -2, -3."""
+        size = len(datagram)
+        if size < OVERHEAD:
+            return -1
+        prev_una = self.snd_una
+        have_ack = False
+        maxack = latest_ts = 0
+        conv = self.conv
+        offset = 0
+        unpack = _unpack_header_from
+        while size - offset >= OVERHEAD:
+            sconv, cmd, frg, wnd, ts, sn, una, length = unpack(datagram, offset)
+            if sconv != conv:
+                return -1
+            offset += OVERHEAD
+            if size - offset < length or length > 0x7FFFFFFF:
+                return -2
+            if cmd < CMD_PUSH or cmd > CMD_WINS:
+                return -3
+            self.rmt_wnd = wnd
+            self._parse_una(una)
+            if cmd == CMD_PUSH:
+                if _diff(sn, self.rcv_nxt + self.rcv_wnd) < 0:
+                    self.acklist += (sn, ts)
+                    if _diff(sn, self.rcv_nxt) >= 0:
+                        self._parse_data(sn, frg, datagram[offset:offset + length])
+            elif cmd == CMD_ACK:
+                rtt = _diff(self.current, ts)
+                if rtt >= 0:
+                    self._update_ack(rtt)
+                self._parse_ack(sn)
+                if not have_ack:
+                    have_ack = True
+                    maxack, latest_ts = sn, ts
+                elif _diff(sn, maxack) > 0 and _diff(ts, latest_ts) > 0:
+                    maxack, latest_ts = sn, ts
+            elif cmd == CMD_WASK:
+                self.probe |= ASK_TELL
+            offset += length
+        if have_ack:
+            self._parse_fastack(maxack, latest_ts)
+        if _diff(self.snd_una, prev_una) > 0 and self.cwnd < self.rmt_wnd:
+            self._grow_cwnd()
+        return 0
+
+    def _grow_cwnd(self) -> None:
+        mss = self.mss
+        if self.cwnd < self.ssthresh:
+            self.cwnd += 1
+            self.incr += mss
+        else:
+            if self.incr < mss:
+                self.incr = mss
+            self.incr += (mss * mss) // self.incr + (mss // 16)
+            if (self.cwnd + 1) * mss <= self.incr:
+                self.cwnd = (self.incr + mss - 1) // (mss if mss > 0 else 1)
+        if self.cwnd > self.rmt_wnd:
+            self.cwnd = self.rmt_wnd
+            self.incr = self.rmt_wnd * mss
+
+    def _update_ack(self, rtt: int) -> None:
+        if self.rx_srtt == 0:
+            self.rx_srtt = rtt
+            self.rx_rttval = rtt // 2
+        else:
+            delta = abs(rtt - self.rx_srtt)
+            self.rx_rttval = (3 * self.rx_rttval + delta) // 4
+            self.rx_srtt = max((7 * self.rx_srtt + rtt) // 8, 1)
+        rto = self.rx_srtt + max(self.interval, 4 * self.rx_rttval)
+        self.rx_rto = min(max(self.rx_minrto, rto), RTO_MAX)
+
+    def _shrink_buf(self) -> None:
+        buf = self.snd_buf
+        while buf and buf[0].acked:
+            buf.popleft()
+        self.snd_una = buf[0].sn if buf else self.snd_nxt
+
+    def _parse_una(self, una: int) -> None:
+        buf = self.snd_buf
+        if not buf or _diff(una, buf[0].sn) <= 0:
+            return
+        while buf and _diff(una, buf[0].sn) > 0:
+            if not buf.popleft().acked:
+                self.nsnd_buf -= 1
+        self._shrink_buf()
+
+    def _parse_ack(self, sn: int) -> None:
+        buf = self.snd_buf
+        if not buf:
+            return
+        index = _diff(sn, buf[0].sn)
+        if 0 <= index < len(buf):
+            seg = buf[index]
+            if not seg.acked:
+                seg.acked = True
+                self.nsnd_buf -= 1
+                if index == 0:
+                    self._shrink_buf()
+
+    def _parse_fastack(self, sn: int, ts: int) -> None:
+        if _diff(sn, self.snd_una) < 0 or _diff(sn, self.snd_nxt) >= 0:
+            return
+        for seg in self.snd_buf:
+            if seg.acked:
+                continue
+            if _diff(sn, seg.sn) <= 0:
+                break  # sn == seg.sn is not counted, sn < seg.sn ends the walk
+            if _diff(ts, seg.ts) >= 0:
+                seg.fastack += 1
+
+    def _parse_data(self, sn: int, frg: int, data: bytes) -> None:
+        rcv_buf = self.rcv_buf
+        if sn not in rcv_buf:
+            rcv_buf[sn] = (frg, data)
+        self._move_rcv_buf()
+
+    def _move_rcv_buf(self) -> None:
+        rcv_buf = self.rcv_buf
+        queue = self.rcv_queue
+        rcv_wnd = self.rcv_wnd
+        while rcv_buf and len(queue) < rcv_wnd:
+            seg = rcv_buf.pop(self.rcv_nxt, None)
+            if seg is None:
+                break
+            queue.append(seg)
+            self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+
+    # -- time -------------------------------------------------------------------
+    def update(self, current: int) -> None:
+        """Advance the clock to `current` and flush when an interval is due."""
+        current &= MASK
+        self.current = current
+        if not self.updated:
+            self.updated = 1
+            self.ts_flush = current
+        slap = _diff(current, self.ts_flush)
+        if slap >= 10000 or slap < -10000:
+            self.ts_flush = current
+            slap = 0
+        if slap >= 0:
+            self.ts_flush = (self.ts_flush + self.interval) & MASK
+            if _diff(current, self.ts_flush) >= 0:
+                self.ts_flush = (current + self.interval) & MASK
+            self.flush()
+
+    def check(self, current: int) -> int:
+        """When to call update next (a clock value), ignoring pending acks/sends."""
+        current &= MASK
+        if not self.updated:
+            return current
+        ts_flush = self.ts_flush
+        slap = _diff(current, ts_flush)
+        if slap >= 10000 or slap <= -10000:
+            ts_flush = current
+            slap = 0
+        if slap >= 0:
+            return current
+        minimal = -slap
+        for seg in self.snd_buf:
+            if seg.acked:
+                continue
+            diff = _diff(seg.resendts, current)
+            if diff <= 0:
+                return current
+            if diff < minimal:
+                minimal = diff
+        if minimal >= self.interval:
+            minimal = self.interval
+        return (current + minimal) & MASK
+
+    def flush(self) -> None:
+        """Send pending acks, window probes and due data segments now."""
+        if not self.updated:
+            return
+        current = self.current
+        mtu = self.mtu
+        conv = self.conv
+        output = self.output
+        rcv_nxt = self.rcv_nxt
+        wnd = self.rcv_wnd - len(self.rcv_queue)
+        if wnd < 0:
+            wnd = 0
+        wnd &= 0xFFFF
+        parts: List[bytes] = []
+        size = 0
+
+        # acknowledgements, in arrival order
+        acklist = self.acklist
+        sn = ts = 0
+        if acklist:
+            for i in range(0, len(acklist), 2):
+                if size + OVERHEAD > mtu:
+                    output(b"".join(parts))
+                    parts = []
+                    size = 0
+                sn = acklist[i]
+                ts = acklist[i + 1]
+                parts.append(_pack_header(conv, CMD_ACK, 0, wnd, ts, sn, rcv_nxt, 0))
+                size += OVERHEAD
+            self.acklist = []
+
+        # window probing
+        if self.rmt_wnd == 0:
+            if self.probe_wait == 0:
+                self.probe_wait = PROBE_INIT
+                self.ts_probe = (current + self.probe_wait) & MASK
+            elif _diff(current, self.ts_probe) >= 0:
+                if self.probe_wait < PROBE_INIT:
+                    self.probe_wait = PROBE_INIT
+                self.probe_wait += self.probe_wait // 2
+                if self.probe_wait > PROBE_LIMIT:
+                    self.probe_wait = PROBE_LIMIT
+                self.ts_probe = (current + self.probe_wait) & MASK
+                self.probe |= ASK_SEND
+        else:
+            self.ts_probe = 0
+            self.probe_wait = 0
+        if self.probe:
+            for flag, cmd in ((ASK_SEND, CMD_WASK), (ASK_TELL, CMD_WINS)):
+                if self.probe & flag:
+                    if size + OVERHEAD > mtu:
+                        output(b"".join(parts))
+                        parts = []
+                        size = 0
+                    parts.append(_pack_header(conv, cmd, 0, wnd, ts, sn, rcv_nxt, 0))
+                    size += OVERHEAD
+            self.probe = 0
+
+        # move data from the queue into the window
+        cwnd = min(self.snd_wnd, self.rmt_wnd)
+        if not self.nocwnd:
+            cwnd = min(self.cwnd, cwnd)
+        queue = self.snd_queue
+        snd_buf = self.snd_buf
+        if queue:
+            limit = (self.snd_una + cwnd) & MASK
+            snd_nxt = self.snd_nxt
+            rx_rto = self.rx_rto
+            while queue and _diff(snd_nxt, limit) < 0:
+                seg = queue.popleft()
+                seg.sn = snd_nxt
+                seg.ts = current
+                seg.resendts = current
+                seg.rto = rx_rto
+                snd_buf.append(seg)
+                self.nsnd_buf += 1
+                snd_nxt = (snd_nxt + 1) & MASK
+            self.snd_nxt = snd_nxt
+
+        # data segments: new, timed out, fast retransmit
+        resent = self.fastresend if self.fastresend > 0 else MASK
+        rtomin = (self.rx_rto >> 3) if self.nodelay_ == 0 else 0
+        change = 0
+        lost = False
+        if self.nsnd_buf:
+            nodelay = self.nodelay_
+            fastlimit = self.fastlimit
+            dead_link = self.dead_link
+            rx_rto = self.rx_rto
+            for seg in snd_buf:
+                if seg.acked:
+                    continue
+                if seg.xmit == 0:
+                    seg.rto = rx_rto
+                    seg.resendts = (current + rx_rto + rtomin) & MASK
+                elif _diff(current, seg.resendts) >= 0:
+                    self.xmit += 1
+                    if nodelay == 0:
+                        seg.rto = (seg.rto + max(seg.rto, rx_rto)) & MASK
+                    else:
+                        step = seg.rto if nodelay < 2 else rx_rto
+                        if step >= 0x80000000:
+                            step -= 0x100000000
+                        seg.rto = (seg.rto + int(step / 2)) & MASK
+                    seg.resendts = (current + seg.rto) & MASK
+                    lost = True
+                elif seg.fastack >= resent and (seg.xmit <= fastlimit or fastlimit <= 0):
+                    seg.fastack = 0
+                    seg.resendts = (current + seg.rto) & MASK
+                    change += 1
+                else:
+                    continue
+                seg.xmit += 1
+                seg.ts = current
+                data = seg.data
+                need = OVERHEAD + len(data)
+                if size + need > mtu and size:
+                    output(b"".join(parts))
+                    parts = []
+                    size = 0
+                parts.append(_pack_header(conv, CMD_PUSH, seg.frg, wnd, current, seg.sn,
+                                          rcv_nxt, len(data)))
+                if data:
+                    parts.append(data)
+                size += need
+                if seg.xmit >= dead_link:
+                    self.state = MASK
+        if size:
+            output(b"".join(parts))
+
+        if change:
+            inflight = (self.snd_nxt - self.snd_una) & MASK
+            self.ssthresh = max(inflight // 2, THRESH_MIN)
+            self.cwnd = (self.ssthresh + resent) & MASK
+            self.incr = (self.cwnd * self.mss) & MASK
+        if lost:
+            self.ssthresh = max(cwnd // 2, THRESH_MIN)
+            self.cwnd = 1
+            self.incr = self.mss
+        if self.cwnd < 1:
+            self.cwnd = 1
+            self.incr = self.mss
