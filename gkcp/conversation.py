@@ -1,0 +1,211 @@
+"""One tunnelled TCP connection: a KCP conversation glued to a TCP socket.
+
+Data directions (one greenlet each)::
+
+    TCP socket --recv--> upload()   --kcp.send-->  KCP --output--> UDP (Endpoint)
+    TCP socket <-send--- download() <--kcp.recv--  KCP <--input--- UDP (Endpoint)
+
+Back-pressure: `upload` reads from TCP only while the KCP send queue holds
+less than `send_limit` segments; `download` takes the next message only
+after the previous one was written to TCP, so an unread TCP socket fills
+the KCP receive queue and closes the window the peer sees.
+
+Closing: an empty KCP message is FIN.  TCP EOF becomes FIN, a received FIN
+becomes `shutdown(SHUT_WR)`: half-close passes through.  Once both FINs have
+passed and all our data is acknowledged, the conversation lingers for
+`linger_s` (to acknowledge retransmissions) and is then released.  Any
+error, a peer's RST or a timeout aborts: the TCP socket is reset, an RST
+goes to the peer (unless the abort came from it), both greenlets end.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING, Optional
+
+import gevent
+from gevent.event import Event
+
+from .kcp import KCP
+from .protocol import FIN_MESSAGE, Reason
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .endpoint import Endpoint, Peer
+
+log = logging.getLogger(__name__)
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class Conversation:
+    """KCP state plus the I/O state of one tunnelled connection."""
+
+    def __init__(self, endpoint: "Endpoint", peer: "Peer", conv: int, now_ms: int) -> None:
+        self.endpoint = endpoint
+        self.peer = peer
+        self.conv = conv
+        opts = endpoint.options
+        kcp = KCP(conv, peer.output)
+        kcp.nodelay(opts.nodelay, opts.interval, opts.resend, int(opts.nc))
+        kcp.wndsize(opts.sndwnd, opts.rcvwnd)
+        kcp.setmtu(opts.mtu)
+        kcp.update(now_ms)  # first update: arms the clock, cwnd becomes 1
+        self.kcp = kcp
+        self.send_limit = max(2 * opts.sndwnd, 64)
+        # largest TCP read we turn into one message: well under 127 fragments
+        self.chunk = min(65536, kcp.mss * 64)
+        self.sock: Optional[socket.socket] = None
+        self.readable = Event()  # the download side has something to do
+        self.writable = Event()  # the upload side may read more from TCP
+        self.drained = Event()  # everything we sent is acknowledged
+        self.done = Event()  # released: both greenlets should end
+        self.fin_sent = False
+        self.fin_received = False
+        self.closed = False
+        self.reason: Optional[Reason] = None
+        self.started_s = time.monotonic()
+        self.created_ms = now_ms
+        self.last_payload_ms = now_ms
+        self.last_una = kcp.snd_una
+        self.last_una_ms = now_ms
+        self.latest_peer_ts: Optional[int] = None  # newest PUSH ts seen from the peer
+        self.timer_due: Optional[int] = None
+        self.bytes_up = 0  # TCP -> KCP
+        self.bytes_down = 0  # KCP -> TCP
+
+    def __repr__(self) -> str:
+        return f"<Conversation {self.conv:08x} {self.peer.addr}>"
+
+    # -- called by the endpoint -------------------------------------------------
+    def on_input(self) -> None:
+        """After datagrams were fed to the KCP: wake whoever can proceed."""
+        kcp = self.kcp
+        if kcp.rcv_queue:
+            self.readable.set()
+        waiting = kcp.waitsnd()
+        if waiting < self.send_limit:
+            self.writable.set()
+            if not waiting:
+                self.drained.set()
+
+    def finished(self) -> bool:
+        """Both directions closed cleanly and everything we sent is acknowledged."""
+        return self.fin_sent and self.fin_received and self.kcp.waitsnd() == 0
+
+    # -- greenlets --------------------------------------------------------------------
+    def upload(self, sock: socket.socket) -> None:
+        """TCP -> KCP until EOF (then FIN) or an error (then abort)."""
+        kcp = self.kcp
+        endpoint = self.endpoint
+        while not self.closed:
+            if kcp.waitsnd() >= self.send_limit:
+                self.writable.clear()
+                self.writable.wait()
+                continue
+            try:
+                data = sock.recv(self.chunk)
+            except OSError as exc:
+                if not self.closed:
+                    log.debug("%r: TCP read failed: %s", self, exc)
+                    self.abort(Reason.ABORTED)
+                return
+            if self.closed:
+                return
+            if not data:
+                self.fin_sent = True
+                kcp.send(FIN_MESSAGE)
+                endpoint.mark_dirty(self)
+                return
+            self.bytes_up += len(data)
+            self.last_payload_ms = endpoint.now_ms()
+            kcp.send(data)
+            endpoint.mark_dirty(self)
+
+    def download(self, sock: socket.socket) -> None:
+        """KCP -> TCP until FIN (then shutdown(SHUT_WR)) or an abort."""
+        kcp = self.kcp
+        endpoint = self.endpoint
+        while True:
+            msg = kcp.recv()
+            if msg is None:
+                if self.closed:
+                    return
+                self.readable.clear()
+                self.readable.wait()
+                continue
+            if kcp.probe:  # the receive window reopened: tell the peer now
+                endpoint.mark_dirty(self)
+            if not msg:
+                self.fin_received = True
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            self.bytes_down += len(msg)
+            self.last_payload_ms = endpoint.now_ms()
+            try:
+                sock.sendall(msg)
+            except OSError as exc:
+                if not self.closed:
+                    log.debug("%r: TCP write failed: %s", self, exc)
+                    self.abort(Reason.ABORTED)
+                return
+
+    def run(self, sock: socket.socket) -> None:
+        """Carry `sock` until both directions end, then close and linger."""
+        self.sock = sock
+        up = gevent.spawn(self.upload, sock)
+        down = gevent.spawn(self.download, sock)
+        try:
+            gevent.joinall([up, down])
+            if not self.closed:
+                # wait until the peer has everything we sent, then linger
+                while not self.closed and self.kcp.waitsnd():
+                    self.drained.clear()
+                    self.drained.wait()
+        finally:
+            gevent.killall([up, down], block=True)
+            self._close_socket(reset=self.closed)
+        if not self.closed:
+            self.endpoint.linger(self)
+
+    # -- endings ------------------------------------------------------------------
+    def abort(self, reason: Reason, *, from_peer: bool = False) -> None:
+        """End now: reset TCP, tell the peer (unless it told us), release."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        log.debug("%r aborted: %s%s", self, reason.name, " (by peer)" if from_peer else "")
+        if not from_peer:
+            self.endpoint.send_rst(self, reason)
+        self._close_socket(reset=True)
+        self.endpoint.release(self)
+        self._wake()
+
+    def release(self) -> None:
+        """End quietly (after linger, or when the endpoint stops)."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self.readable.set()
+        self.writable.set()
+        self.drained.set()
+        self.done.set()
+
+    def _close_socket(self, *, reset: bool) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        self.sock = None
+        try:
+            if reset:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,506 @@
+"""What both endpoints share: UDP transports, peers, the timer, housekeeping.
+
+Theory of operation
+-------------------
+An `Endpoint` owns one or more `UdpTransport`s (a non-blocking UDP socket
+and the greenlet that reads it), a table of `Peer`s (remote UDP addresses)
+and, per peer, its `Conversation`s keyed by conv.
+
+* Reading: the reader greenlet drains its socket in batches; each datagram
+  is classified (KCP / control / invalid), KCP datagrams go to their
+  conversation's `KCP.input`, and the conversation is marked dirty.
+* Flushing: dirty conversations are flushed once, in a loop callback that
+  runs when the current greenlet yields.  So a batch of datagrams yields one
+  batch of ACKs, and a `send()` goes out without waiting for an interval.
+* Timer: one greenlet keeps a heap of (due, conv) from `KCP.check()`, only
+  for conversations with something in flight, queued, or to acknowledge.
+  Idle conversations have no timer at all.
+* Housekeeping: once a second, keepalive, dead peers, stall and idle
+  timeouts, lingering conversations.
+
+KCP calls never yield (sends are non-blocking; a full socket buffer drops
+the datagram like the network would), so no other greenlet can see a
+half-updated KCP.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Tuple
+
+import gevent
+from gevent import monkey
+from gevent.event import Event
+from gevent.pool import Group
+from gevent.socket import wait_read
+
+from .conversation import Conversation
+from .kcp import MASK
+from .options import Options
+from .protocol import (FLAG_ECHO, CONTROL_LEN, Control, ControlDatagram, Kind, Limits,
+                       Reason, classify, conv_of, decode_control, encode_control)
+
+log = logging.getLogger(__name__)
+
+Address = Tuple  # what recvfrom returns: (host, port) or (host, port, flow, scope)
+
+# UDP sockets are plain, non-blocking stdlib sockets even in a monkey-patched
+# process: a send must never yield in the middle of a KCP flush.
+_StdSocket = monkey.get_original("socket", "socket")
+
+READ_BATCH = 256
+SOCKET_BUFFER = 4 * 1024 * 1024
+RST_PER_SECOND = 200
+
+
+def udp_socket(family: int) -> socket.socket:
+    return _StdSocket(family, socket.SOCK_DGRAM)
+
+
+def mono_ms() -> int:
+    """Milliseconds of the monotonic clock, not wrapped (timer heap keys)."""
+    return int(time.monotonic() * 1000)
+
+
+def now_ms() -> int:
+    """The 32-bit millisecond clock every KCP here runs on."""
+    return int(time.monotonic() * 1000) & MASK
+
+
+def elapsed_ms(now: int, then: int) -> int:
+    return (now - then) & MASK
+
+
+@dataclass
+class Stats:
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    invalid: int = 0  # neither KCP nor control, or rejected by KCP.input
+    unknown: int = 0  # KCP for a conversation we do not have
+    send_dropped: int = 0  # socket buffer full or send error
+    rst_sent: int = 0
+    rst_received: int = 0
+    opened: int = 0
+    refused: int = 0  # openers dropped at a limit
+
+
+class UdpTransport:
+    """One non-blocking UDP socket, read by one greenlet."""
+
+    def __init__(self, endpoint: "Endpoint", sock: socket.socket,
+                 remote: Optional[Address] = None) -> None:
+        self.endpoint = endpoint
+        self.sock = sock
+        self.remote = remote  # set for a client's connected socket
+        sock.setblocking(False)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            except OSError:
+                pass
+        self._sendto = sock.sendto
+        self._send = sock.send
+
+    def send(self, datagram: bytes, addr: Address) -> None:
+        stats = self.endpoint.stats
+        try:
+            if self.remote is not None:
+                self._send(datagram)
+            else:
+                self._sendto(datagram, addr)
+        except OSError as exc:
+            stats.send_dropped += 1
+            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED):
+                log.debug("send to %s failed: %s", addr, exc)
+            return
+        stats.datagrams_out += 1
+        stats.bytes_out += len(datagram)
+
+    def read_forever(self) -> None:
+        sock = self.sock
+        fd = sock.fileno()
+        on_datagram = self.endpoint.on_datagram
+        recvfrom = sock.recvfrom
+        remote = self.remote
+        while True:
+            wait_read(fd)
+            now = now_ms()
+            for _ in range(READ_BATCH):
+                try:
+                    data, addr = recvfrom(65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # e.g. ICMP port unreachable on a connected socket
+                    log.debug("receive failed: %s", exc)
+                    break
+                on_datagram(self, data, remote if remote is not None else addr, now)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Peer:
+    """A remote UDP address and the conversations we hold with it."""
+
+    def __init__(self, endpoint: "Endpoint", transport: UdpTransport, addr: Address,
+                 validated: bool, now: int) -> None:
+        self.endpoint = endpoint
+        self.transport = transport
+        self.addr = addr
+        self.conversations: Dict[int, Conversation] = {}
+        self.last_recv_ms = now
+        self.last_ping_ms = now
+        self.instance: Optional[int] = None  # the remote endpoint's instance id
+        # address validation (server side): until the peer echoes our
+        # challenge, send no more bytes than we received from it
+        self.validated = validated
+        self.challenge_ts: Optional[int] = None
+        self.budget = 0
+        self.held: Deque[bytes] = deque()
+        self.held_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.addr} {len(self.conversations)} conversations>"
+
+    def output(self, datagram: bytes) -> None:
+        """Send a datagram to this peer (the KCP output callback)."""
+        if self.validated:
+            self.transport.send(datagram, self.addr)
+            return
+        size = len(datagram)
+        if not self.held and size <= self.budget:
+            self.budget -= size
+            self.transport.send(datagram, self.addr)
+        elif self.held_bytes + size <= self.endpoint.limits.pending_bytes:
+            self.held.append(datagram)
+            self.held_bytes += size
+        else:
+            self.endpoint.stats.send_dropped += 1
+
+    def received(self, size: int) -> None:
+        """Account for `size` bytes received from this (unvalidated) peer."""
+        self.budget += size
+        self._release_held()
+
+    def validate(self) -> None:
+        self.validated = True
+        self.budget = 1 << 62
+        self._release_held()
+
+    def _release_held(self) -> None:
+        held = self.held
+        while held and len(held[0]) <= self.budget:
+            datagram = held.popleft()
+            self.held_bytes -= len(datagram)
+            if not self.validated:
+                self.budget -= len(datagram)
+            self.transport.send(datagram, self.addr)
+
+    def control(self, conv: int, cmd: Control, echo: int = 0, extra: int = 0,
+                flags: int = 0) -> None:
+        self.output(encode_control(conv, cmd, now_ms(), echo, extra, flags))
+
+
+class Endpoint:
+    """Base of LocalEndpoint and ServerEndpoint."""
+
+    role = "endpoint"
+
+    def __init__(self, options: Options, limits: Optional[Limits] = None) -> None:
+        self.options = options
+        self.timeouts = options.timeouts
+        self.limits = limits or Limits()
+        self.instance = int.from_bytes(os.urandom(4), "little") or 1
+        self.stats = Stats()
+        self.transports: List[UdpTransport] = []
+        self.peers: Dict[Address, Peer] = {}
+        self.group = Group()
+        self.lingering: Dict[Conversation, int] = {}
+        self._dirty: List[Conversation] = []
+        self._heap: List[Tuple[int, int, Conversation]] = []
+        self._heap_seq = 0
+        self._timer_wake = Event()
+        self._loop = gevent.get_hub().loop
+        self._rst_tokens = float(RST_PER_SECOND)
+        self._rst_refill_s = time.monotonic()
+        self.now_ms = now_ms
+        self.stopped = Event()
+
+    # -- life cycle -------------------------------------------------------------
+    def start_common(self) -> None:
+        self.group.spawn(self._timer_loop)
+        self.group.spawn(self._housekeeping_loop)
+
+    def add_transport(self, transport: UdpTransport) -> None:
+        self.transports.append(transport)
+        self.group.spawn(transport.read_forever)
+
+    def conversations(self) -> List[Conversation]:
+        return [c for p in self.peers.values() for c in p.conversations.values()]
+
+    def stop(self) -> None:
+        """Abort every conversation (telling peers), close sockets, end greenlets."""
+        for conv in self.conversations():
+            conv.abort(Reason.SHUTDOWN)
+        self._flush_dirty()
+        for transport in self.transports:
+            transport.close()
+        self.group.kill(block=True, timeout=2)
+        self.stopped.set()
+
+    # -- datagrams in -------------------------------------------------------------------
+    def on_datagram(self, transport: UdpTransport, data: bytes, addr: Address, now: int) -> None:
+        stats = self.stats
+        stats.datagrams_in += 1
+        stats.bytes_in += len(data)
+        kind = classify(data)
+        peer = self.peers.get(addr)
+        if kind is Kind.KCP:
+            conv = peer.conversations.get(conv_of(data)) if peer is not None else None
+            if conv is None:
+                stats.unknown += 1
+                self.on_unknown(transport, data, addr, peer, now)
+                return
+            peer.last_recv_ms = now
+            if not peer.validated:
+                peer.received(len(data))
+            kcp = conv.kcp
+            kcp.current = now
+            if kcp.input(data) < 0:
+                stats.invalid += 1
+                return
+            if data[4] == 81:  # first segment is a PUSH: remember the peer's clock
+                conv.latest_peer_ts = int.from_bytes(data[8:12], "little")
+            conv.on_input()
+            self.mark_dirty(conv)
+        elif kind is Kind.CONTROL:
+            message = decode_control(data)
+            if message is not None and peer is not None:
+                peer.last_recv_ms = now
+                if not peer.validated:
+                    peer.received(len(data))
+                self.on_control(peer, message, now)
+            elif message is not None:
+                self.on_control_stranger(transport, message, addr, now)
+        else:
+            stats.invalid += 1
+
+    def on_unknown(self, transport: UdpTransport, data: bytes, addr: Address,
+                   peer: Optional[Peer], now: int) -> None:
+        raise NotImplementedError
+
+    def on_control_stranger(self, transport: UdpTransport, message: ControlDatagram,
+                            addr: Address, now: int) -> None:
+        """A control datagram from an address we hold nothing for: ignore it."""
+
+    def on_control(self, peer: Peer, message: ControlDatagram, now: int) -> None:
+        cmd = message.cmd
+        if cmd is Control.RST:
+            self._on_rst(peer, message, now)
+            return
+        self._note_instance(peer, message.extra, message.conv)
+        if cmd is Control.PING:
+            peer.control(message.conv, Control.PONG, echo=message.ts, extra=self.instance)
+        elif cmd is Control.PONG and peer.challenge_ts is not None \
+                and message.echo == peer.challenge_ts and not peer.validated:
+            peer.validate()
+
+    def _note_instance(self, peer: Peer, instance: int, keep_conv: int) -> None:
+        """The remote restarted (new instance id): its old conversations are gone."""
+        if peer.instance is not None and peer.instance != instance:
+            log.info("%s restarted: dropping its old conversations", peer.addr)
+            for conv in list(peer.conversations.values()):
+                if conv.conv != keep_conv:
+                    conv.abort(Reason.UNKNOWN_CONV, from_peer=True)
+        peer.instance = instance
+
+    def _on_rst(self, peer: Peer, message: ControlDatagram, now: int) -> None:
+        conv = peer.conversations.get(message.conv)
+        if conv is None:
+            return
+        if message.flags & FLAG_ECHO:
+            # the echo must be a timestamp we sent in this conversation
+            if elapsed_ms(now, message.echo) > elapsed_ms(now, conv.created_ms):
+                return
+        elif conv.kcp.snd_nxt != 0:
+            return  # we did send data, so a genuine RST would echo it
+        self.stats.rst_received += 1
+        try:
+            reason = Reason(message.extra)
+        except ValueError:
+            reason = Reason.ABORTED
+        conv.abort(reason, from_peer=True)
+
+    # -- datagrams out ------------------------------------------------------------
+    def send_rst(self, conv: Conversation, reason: Reason) -> None:
+        echo = conv.latest_peer_ts
+        self.send_rst_to(conv.peer.transport, conv.peer.addr, conv.conv, reason, echo)
+        self._flush_one(conv)
+
+    def send_rst_to(self, transport: UdpTransport, addr: Address, conv: int,
+                    reason: Reason, echo: Optional[int]) -> None:
+        if not self._take_rst_token():
+            return
+        self.stats.rst_sent += 1
+        datagram = encode_control(conv, Control.RST, now_ms(), echo or 0, reason,
+                                  FLAG_ECHO if echo is not None else 0)
+        peer = self.peers.get(addr)
+        if peer is not None:
+            peer.output(datagram)
+        else:
+            transport.send(datagram, addr)
+
+    def _take_rst_token(self) -> bool:
+        t = time.monotonic()
+        self._rst_tokens = min(float(RST_PER_SECOND),
+                               self._rst_tokens + (t - self._rst_refill_s) * RST_PER_SECOND)
+        self._rst_refill_s = t
+        if self._rst_tokens < 1:
+            return False
+        self._rst_tokens -= 1
+        return True
+
+    # -- flushing and timers -------------------------------------------------------
+    def mark_dirty(self, conv: Conversation) -> None:
+        if not self._dirty:
+            self._loop.run_callback(self._flush_dirty)
+        self._dirty.append(conv)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        if not dirty:
+            return
+        now = now_ms()
+        seen = set()
+        for conv in dirty:
+            if conv in seen:
+                continue
+            seen.add(conv)
+            kcp = conv.kcp
+            kcp.current = now
+            kcp.flush()
+            conv.on_input()
+            self._schedule(conv, now)
+
+    def _flush_one(self, conv: Conversation) -> None:
+        conv.kcp.current = now_ms()
+        conv.kcp.flush()
+
+    def _schedule(self, conv: Conversation, now: int) -> None:
+        kcp = conv.kcp
+        if conv.closed or not (kcp.nsnd_buf or kcp.snd_queue or kcp.acklist or kcp.probe):
+            conv.timer_due = None
+            return
+        mono = mono_ms()
+        key = mono + elapsed_ms(kcp.check(mono & MASK), mono & MASK)
+        if conv.timer_due is not None and key >= conv.timer_due:
+            return  # an earlier wake-up is already in the heap
+        conv.timer_due = key
+        self._heap_seq += 1
+        heapq.heappush(self._heap, (key, self._heap_seq, conv))
+        if self._heap[0][2] is conv:
+            self._timer_wake.set()
+
+    def _timer_loop(self) -> None:
+        heap = self._heap
+        while True:
+            mono = mono_ms()
+            wall = mono & MASK
+            while heap and heap[0][0] <= mono:
+                key, _, conv = heapq.heappop(heap)
+                if conv.timer_due != key or conv.closed:
+                    continue  # superseded by an earlier entry, or gone
+                conv.timer_due = None
+                conv.kcp.update(wall)
+                conv.on_input()
+                self._schedule(conv, wall)
+            self._timer_wake.clear()
+            if heap:
+                self._timer_wake.wait(max(heap[0][0] - mono, 1) / 1000.0)
+            else:
+                self._timer_wake.wait()
+
+    # -- conversations come and go ---------------------------------------------------
+    def register(self, peer: Peer, conv: Conversation) -> None:
+        peer.conversations[conv.conv] = conv
+        self.stats.opened += 1
+
+    def release(self, conv: Conversation) -> None:
+        """Forget a conversation (after an abort or its linger time)."""
+        conv.release()
+        self.lingering.pop(conv, None)
+        peer = conv.peer
+        if peer.conversations.get(conv.conv) is conv:
+            del peer.conversations[conv.conv]
+            self.log_close(conv)
+        if not peer.conversations and self.peers.get(peer.addr) is peer:
+            self.forget_peer(peer)
+
+    def forget_peer(self, peer: Peer) -> None:
+        """Called when a peer has no conversations left."""
+
+    def linger(self, conv: Conversation) -> None:
+        self.lingering[conv] = now_ms()
+
+    def log_close(self, conv: Conversation) -> None:
+        kcp = conv.kcp
+        log.info("%s conv %08x closed%s after %.1fs: up %d B, down %d B, srtt %d ms, "
+                 "retransmissions %d", conv.peer.addr, conv.conv,
+                 f" ({conv.reason.name})" if conv.reason else "",
+                 time.monotonic() - conv.started_s, conv.bytes_up, conv.bytes_down,
+                 kcp.rx_srtt, kcp.xmit)
+
+    # -- housekeeping -------------------------------------------------------------------
+    def _housekeeping_loop(self) -> None:
+        while True:
+            gevent.sleep(1.0)
+            self.housekeeping(now_ms())
+
+    def housekeeping(self, now: int) -> None:
+        t = self.timeouts
+        dead_ms = int(t.dead_s * 1000)
+        stall_ms = int(t.stall_s * 1000)
+        idle_ms = int(t.idle_s * 1000)
+        linger_ms = int(t.linger_s * 1000)
+        for conv, since in list(self.lingering.items()):
+            if elapsed_ms(now, since) >= linger_ms:
+                self.release(conv)
+        for peer in list(self.peers.values()):
+            if peer.conversations and elapsed_ms(now, peer.last_recv_ms) >= dead_ms:
+                log.info("%s silent for %.0fs: aborting its conversations", peer.addr, t.dead_s)
+                for conv in list(peer.conversations.values()):
+                    conv.abort(Reason.TIMEOUT)
+                continue
+            for conv in list(peer.conversations.values()):
+                if conv.closed or conv in self.lingering:
+                    continue
+                kcp = conv.kcp
+                if kcp.snd_una != conv.last_una or not kcp.nsnd_buf:
+                    conv.last_una = kcp.snd_una
+                    conv.last_una_ms = now
+                elif elapsed_ms(now, conv.last_una_ms) >= stall_ms:
+                    log.info("%r stalled: nothing acknowledged for %.0fs", conv, t.stall_s)
+                    conv.abort(Reason.TIMEOUT)
+                    continue
+                if idle_ms and elapsed_ms(now, conv.last_payload_ms) >= idle_ms:
+                    log.info("%r idle for %.0fs", conv, t.idle_s)
+                    conv.abort(Reason.TIMEOUT)
+            self.keepalive(peer, now)
+
+    def keepalive(self, peer: Peer, now: int) -> None:
+        """Client side sends PINGs; the server only answers them."""
+
+
+__all__ = ["Endpoint", "Peer", "UdpTransport", "Stats", "now_ms", "CONTROL_LEN"]

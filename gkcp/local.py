@@ -1,0 +1,113 @@
+"""The local (client) endpoint: TCP in, KCP out to the server.
+
+Each accepted TCP connection opens a conversation at once: a fresh random
+conv, the OPEN message queued first, then whatever the application sends.
+No round trip is spent before data flows, and a server that speaks first
+(SSH, SMTP) is reached even if the client never writes.
+
+One connected UDP socket per server address carries all conversations to
+it; with several server addresses, new connections take them in turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import List, Optional, Sequence, Tuple
+
+from gevent.server import StreamServer
+
+from .conversation import Conversation
+from .endpoint import Address, Endpoint, Peer, UdpTransport, elapsed_ms, now_ms, udp_socket
+from .options import Options
+from .protocol import OPEN_MESSAGE, Control, Limits, Reason, push_ts
+from .sockopts import apply_outbound
+
+log = logging.getLogger(__name__)
+
+
+class LocalEndpoint(Endpoint):
+    """Listens on TCP, carries each connection to a gkcp server over KCP."""
+
+    role = "local"
+
+    def __init__(self, options: Options, listen: Sequence[Address],
+                 remotes: Sequence[Address], limits: Optional[Limits] = None) -> None:
+        super().__init__(options, limits)
+        self.listen_addrs = list(listen)
+        self.remote_addrs = list(remotes)
+        self.servers: List[StreamServer] = []
+        self._next_remote = 0
+
+    # -- life cycle -------------------------------------------------------------
+    def start(self) -> None:
+        """Open the UDP sockets and the TCP listener(s); return at once."""
+        for remote in self.remote_addrs:
+            family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
+            sock = udp_socket(family)
+            apply_outbound(sock, self.options, udp=True)
+            sock.connect(remote)
+            transport = UdpTransport(self, sock, remote=tuple(sock.getpeername()))
+            self.add_transport(transport)
+            peer = Peer(self, transport, transport.remote, validated=True, now=now_ms())
+            self.peers[peer.addr] = peer
+        for addr in self.listen_addrs:
+            server = StreamServer(addr, self._handle, spawn=self.group.spawn)
+            server.start()
+            self.servers.append(server)
+        self.start_common()
+
+    @property
+    def bound_addresses(self) -> List[Tuple]:
+        return [s.address for s in self.servers]
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop(timeout=0)
+        super().stop()
+
+    # -- connections -----------------------------------------------------------------
+    def _pick_peer(self) -> Peer:
+        peers = list(self.peers.values())
+        peer = peers[self._next_remote % len(peers)]
+        self._next_remote += 1
+        return peer
+
+    def _fresh_conv(self, peer: Peer) -> int:
+        while True:
+            conv = int.from_bytes(os.urandom(4), "little")
+            if conv and conv not in peer.conversations:
+                return conv
+
+    def _handle(self, sock: socket.socket, addr: Address) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = self._pick_peer()
+        if not peer.conversations:
+            peer.last_recv_ms = now_ms()  # silence is counted from now
+            peer.last_ping_ms = now_ms()
+            peer.control(0, Control.PING, extra=self.instance)
+        conv = Conversation(self, peer, self._fresh_conv(peer), now_ms())
+        self.register(peer, conv)
+        conv.kcp.send(OPEN_MESSAGE)
+        self.mark_dirty(conv)
+        log.debug("%s -> %r opened", addr, conv)
+        conv.run(sock)
+
+    # -- the server's datagrams ----------------------------------------------------
+    def on_unknown(self, transport: UdpTransport, data: bytes, addr: Address,
+                   peer: Optional[Peer], now: int) -> None:
+        """KCP for a conversation we closed: reset it, if it carries data."""
+        ts = push_ts(data)
+        if ts is not None:
+            conv = int.from_bytes(data[:4], "little")
+            self.send_rst_to(transport, addr, conv, Reason.UNKNOWN_CONV, ts)
+
+    def forget_peer(self, peer: Peer) -> None:
+        """A client keeps its server peers (and sockets) for the next connection."""
+
+    def keepalive(self, peer: Peer, now: int) -> None:
+        if peer.conversations and \
+                elapsed_ms(now, peer.last_ping_ms) >= int(self.timeouts.keepalive_s * 1000):
+            peer.last_ping_ms = now
+            peer.control(0, Control.PING, extra=self.instance)

@@ -1,0 +1,153 @@
+"""The server endpoint: KCP in on UDP, one TCP connection to the target each.
+
+Admission: a datagram for an unknown (address, conv) creates state only if
+it is a real opener (`protocol.is_opener`) and the limits allow it; else
+it is dropped, or answered with one RST when it carries data that cannot
+be a reordered opening (a conversation from before a restart).
+
+A new address must prove it can receive: the server sends it a PING
+challenge and, until the echo comes back, sends it no more bytes than it
+received from it (the rest is held, bounded).  That keeps a forged source
+address from turning the server into an amplifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from gevent import socket as gsocket
+from typing import List, Optional, Sequence, Tuple
+
+from .conversation import Conversation
+from .endpoint import Address, Endpoint, Peer, UdpTransport, udp_socket
+from .options import Options
+from .protocol import (OPEN_MESSAGE, Control, ControlDatagram, Limits, Reason,
+                       encode_control, is_opener, may_be_first_flight, push_ts)
+from .sockopts import apply_outbound
+
+log = logging.getLogger(__name__)
+
+
+class ServerEndpoint(Endpoint):
+    """Listens for KCP on UDP, forwards each conversation to a TCP target."""
+
+    role = "server"
+
+    def __init__(self, options: Options, listen: Sequence[Address], target: Address,
+                 limits: Optional[Limits] = None) -> None:
+        super().__init__(options, limits)
+        self.listen_addrs = list(listen)
+        self.target = target
+        self.half_open = 0
+
+    def start(self) -> None:
+        """Bind the UDP socket(s); raises OSError (e.g. EADDRINUSE) at once."""
+        socks = []
+        try:
+            for addr in self.listen_addrs:
+                family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+                sock = udp_socket(family)
+                socks.append(sock)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+        except OSError:
+            for sock in socks:
+                sock.close()
+            raise
+        for sock in socks:
+            self.add_transport(UdpTransport(self, sock))
+        self.start_common()
+
+    @property
+    def bound_addresses(self) -> List[Tuple]:
+        return [t.sock.getsockname() for t in self.transports]
+
+    # -- admission -------------------------------------------------------------
+    def on_unknown(self, transport: UdpTransport, data: bytes, addr: Address,
+                   peer: Optional[Peer], now: int) -> None:
+        if is_opener(data):
+            self._admit(transport, data, addr, peer, now)
+            return
+        ts = push_ts(data)
+        if ts is None or may_be_first_flight(data, self.options.sndwnd):
+            return
+        self.send_rst_to(transport, addr, int.from_bytes(data[:4], "little"),
+                         Reason.UNKNOWN_CONV, ts)
+
+    def _admit(self, transport: UdpTransport, data: bytes, addr: Address,
+               peer: Optional[Peer], now: int) -> None:
+        limits = self.limits
+        total = sum(len(p.conversations) for p in self.peers.values())
+        if total >= limits.sessions or (peer is not None and
+                                        len(peer.conversations) >= limits.per_peer):
+            self.stats.refused += 1
+            return
+        if peer is None:
+            if self.half_open >= limits.half_open:
+                self.stats.refused += 1
+                return
+            peer = Peer(self, transport, addr, validated=False, now=now)
+            self.peers[addr] = peer
+            self.half_open += 1
+        if not peer.validated:
+            peer.received(len(data))
+        conv = Conversation(self, peer, int.from_bytes(data[:4], "little"), now)
+        self.register(peer, conv)
+        kcp = conv.kcp
+        kcp.current = now
+        kcp.input(data)
+        conv.latest_peer_ts = push_ts(data)
+        self.mark_dirty(conv)
+        if not peer.validated and peer.challenge_ts is None:
+            peer.challenge_ts = now
+            peer.output(encode_control(conv.conv, Control.PING, now, 0, self.instance))
+        self.group.spawn(self._serve, conv)
+
+    def on_control(self, peer: Peer, message: ControlDatagram, now: int) -> None:
+        was_validated = peer.validated
+        super().on_control(peer, message, now)
+        if peer.validated and not was_validated:
+            self.half_open -= 1
+
+    def forget_peer(self, peer: Peer) -> None:
+        del self.peers[peer.addr]
+        if not peer.validated:
+            self.half_open -= 1
+
+    # -- one conversation -----------------------------------------------------------
+    def _serve(self, conv: Conversation) -> None:
+        if conv.kcp.recv() != OPEN_MESSAGE:  # the opener was checked: cannot happen
+            conv.abort(Reason.ABORTED)
+            return
+        try:
+            sock = self._connect()
+        except OSError as exc:
+            log.info("%s conv %08x: cannot connect to %s: %s", conv.peer.addr, conv.conv,
+                     self.target, exc)
+            conv.abort(Reason.REFUSED)
+            return
+        if conv.closed:
+            sock.close()
+            return
+        conv.run(sock)
+
+    def _connect(self) -> socket.socket:
+        host, port = self.target[0], self.target[1]
+        timeout = self.timeouts.connect_s
+        infos = gsocket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        last: Optional[OSError] = None
+        for family, kind, proto, _, sockaddr in infos:
+            sock = gsocket.socket(family, kind, proto)
+            try:
+                apply_outbound(sock, self.options, udp=False)
+                sock.settimeout(timeout)
+                sock.connect(sockaddr)
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = exc
+        raise last or OSError(f"cannot resolve {host}")
