@@ -21,9 +21,9 @@ from collections import deque
 from typing import Deque, List, Optional, Tuple
 
 import gevent
+from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.server import StreamServer
-from gevent import socket as gsocket
 
 from .endpoint import udp_socket
 from .local import LocalEndpoint
@@ -189,7 +189,8 @@ def demo(args: argparse.Namespace) -> int:
           f"window {options.sndwnd}/{options.rcvwnd})")
     run = Run()
     started = time.monotonic()
-    jobs = [gevent.spawn(_bulk, addr, args.seconds, run), gevent.spawn(_echo, addr, args.seconds, run)]
+    jobs = [gevent.spawn(_bulk, addr, args.seconds, run),
+            gevent.spawn(_echo, addr, args.seconds, run)]
     last = 0
     while not all(j.ready() for j in jobs):
         gevent.joinall(jobs, timeout=1.0)

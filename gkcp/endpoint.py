@@ -44,8 +44,19 @@ from gevent.socket import wait_read
 from .conversation import Conversation
 from .kcp import MASK
 from .options import Options
-from .protocol import (FLAG_ECHO, CONTROL_LEN, Control, ControlDatagram, Kind, Limits,
-                       Reason, classify, conv_of, decode_control, encode_control)
+from .protocol import (
+    CONTROL_LEN,
+    FLAG_ECHO,
+    Control,
+    ControlDatagram,
+    Kind,
+    Limits,
+    Reason,
+    classify,
+    conv_of,
+    decode_control,
+    encode_control,
+)
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +250,10 @@ class Endpoint:
         self.stopped = Event()
 
     # -- life cycle -------------------------------------------------------------
+    def start(self) -> None:
+        """Open sockets and start serving; raises OSError (e.g. EADDRINUSE)."""
+        raise NotImplementedError
+
     def start_common(self) -> None:
         self.group.spawn(self._timer_loop)
         self.group.spawn(self._housekeeping_loop)
@@ -269,7 +284,7 @@ class Endpoint:
         peer = self.peers.get(addr)
         if kind is Kind.KCP:
             conv = peer.conversations.get(conv_of(data)) if peer is not None else None
-            if conv is None:
+            if conv is None or peer is None:
                 stats.unknown += 1
                 self.on_unknown(transport, data, addr, peer, now)
                 return

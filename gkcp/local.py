@@ -48,9 +48,10 @@ class LocalEndpoint(Endpoint):
             sock = udp_socket(family)
             apply_outbound(sock, self.options, udp=True)
             sock.connect(remote)
-            transport = UdpTransport(self, sock, remote=tuple(sock.getpeername()))
+            peer_addr = tuple(sock.getpeername())
+            transport = UdpTransport(self, sock, remote=peer_addr)
             self.add_transport(transport)
-            peer = Peer(self, transport, transport.remote, validated=True, now=now_ms())
+            peer = Peer(self, transport, peer_addr, validated=True, now=now_ms())
             self.peers[peer.addr] = peer
         for addr in self.listen_addrs:
             server = StreamServer(addr, self._handle, spawn=self.group.spawn)

@@ -218,7 +218,8 @@ def _bool_or_int(key: str, value: Optional[str], lo: int, hi: int) -> int:
     raise OptionError(f"option {key}={value!r}: expected 0, 1, 2, true or false")
 
 
-def parse_options(text: Optional[str], *, server: Optional[bool] = None) -> Tuple[Options, List[str]]:
+def parse_options(text: Optional[str], *,
+                  server: Optional[bool] = None) -> Tuple[Options, List[str]]:
     """Parse an option string. Returns (options, warnings about unknown keys)."""
     values: Dict[str, object] = {}
     warnings: List[str] = []
@@ -236,11 +237,11 @@ def parse_options(text: Optional[str], *, server: Optional[bool] = None) -> Tupl
         kwargs["nodelay"], kwargs["interval"], kwargs["resend"], nc = MODES[mode]
         kwargs["nc"] = bool(nc)
     timeouts = {}
-    for key, value in values.items():
+    for key, parsed in values.items():
         if key in _TIMEOUT_FIELDS:
-            timeouts[_TIMEOUT_FIELDS[key]] = value
+            timeouts[_TIMEOUT_FIELDS[key]] = parsed
         elif key != "mode":
-            kwargs[key] = value
+            kwargs[key] = parsed
     if timeouts:
         kwargs["timeouts"] = dataclasses.replace(Timeouts(), **timeouts)  # type: ignore[arg-type]
     if server is not None and "server" not in values:

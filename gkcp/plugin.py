@@ -28,10 +28,10 @@ from typing import Callable, Dict, List, Optional
 import gevent
 from gevent import subprocess
 
-from .addresses import AddressError, Address, host_list, parse_port, resolve
+from .addresses import Address, AddressError, host_list, parse_port, resolve
 from .endpoint import Endpoint
 from .options import Options
-from .run import Fatal, bind_error, load_options, serve
+from .run import Fatal, Watcher, bind_error, load_options, serve
 
 log = logging.getLogger("gkcp")
 
@@ -141,11 +141,11 @@ def run_plugin(role: Optional[str]) -> int:
     except (Fatal, AddressError) as exc:
         print(f"gkcp: error: {exc}", file=sys.stderr)
         return 2
-    watchers: List[Callable[[Callable[[int], None]], None]] = [watch_parent]
+    watchers: List[Watcher] = [watch_parent]
     if secondary is not None:
         watchers.append(secondary.watch)
     try:
-        return serve(endpoint, watchers)  # type: ignore[arg-type]
+        return serve(endpoint, watchers)
     finally:
         if secondary is not None:
             secondary.stop()

@@ -65,7 +65,10 @@ def bind_error(exc: OSError, what: str, hint: str = "") -> Fatal:
     return Fatal(f"{what}: {exc.strerror or exc}")
 
 
-def serve(endpoint: Endpoint, watchers: Optional[List[Callable[[Event], None]]] = None) -> int:
+Watcher = Callable[[Callable[[int], None]], None]
+
+
+def serve(endpoint: Endpoint, watchers: Optional[List[Watcher]] = None) -> int:
     """Run until a stop signal (exit 0) or until a watcher reports a failure."""
     done = Event()
     code = [0]
@@ -82,7 +85,7 @@ def serve(endpoint: Endpoint, watchers: Optional[List[Callable[[Event], None]]] 
         done.set()
 
     for watch in watchers or []:
-        gevent.spawn(watch, failed)  # type: ignore[arg-type]
+        gevent.spawn(watch, failed)
     try:
         done.wait()
     finally:

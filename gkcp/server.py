@@ -15,15 +15,24 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import List, Optional, Sequence, Tuple
 
 from gevent import socket as gsocket
-from typing import List, Optional, Sequence, Tuple
 
 from .conversation import Conversation
 from .endpoint import Address, Endpoint, Peer, UdpTransport, udp_socket
 from .options import Options
-from .protocol import (OPEN_MESSAGE, Control, ControlDatagram, Limits, Reason,
-                       encode_control, is_opener, may_be_first_flight, push_ts)
+from .protocol import (
+    OPEN_MESSAGE,
+    Control,
+    ControlDatagram,
+    Limits,
+    Reason,
+    encode_control,
+    is_opener,
+    may_be_first_flight,
+    push_ts,
+)
 from .sockopts import apply_outbound
 
 log = logging.getLogger(__name__)
