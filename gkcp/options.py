@@ -52,6 +52,7 @@ class Options:
     rcvwnd: int = 1024
     timeouts: Timeouts = field(default_factory=Timeouts)
     server: bool = False
+    verbose: int = 0
     plugin: Optional[str] = None
     plugin_opts: Optional[str] = None
     outbound_fwmark: Optional[int] = None
@@ -188,6 +189,7 @@ _PARSERS: Dict[str, Callable[[str, Optional[str]], object]] = {
     "sndwnd": _int_range(1, 65535),
     "rcvwnd": _int_range(1, 65535),
     "server": _bool,
+    "verbose": _int_range(0, 2),
     "plugin": _text,
     "plugin_opts": lambda k, v: v or "",
     "outbound_fwmark": _int_range(0, 0xFFFFFFFF),

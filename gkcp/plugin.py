@@ -136,6 +136,8 @@ def run_plugin(role: Optional[str]) -> int:
     try:
         env = read_env(dict(os.environ))
         options = load_options(env.options, server=True if role == "server" else None)
+        if options.verbose:
+            logging.getLogger().setLevel(logging.INFO if options.verbose == 1 else logging.DEBUG)
         server = options.server if role is None else role == "server"
         endpoint, secondary = _build(env, options, server)
     except (Fatal, AddressError) as exc:
