@@ -86,6 +86,7 @@ class Secondary:
                    SS_LOCAL_HOST=local[0], SS_LOCAL_PORT=str(local[1]),
                    SS_PLUGIN_OPTIONS=options)
         self.command = command
+        self.stopping = False
         try:
             self.proc = subprocess.Popen([command], env=env, stdin=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)
@@ -97,11 +98,14 @@ class Secondary:
 
     def watch(self, failed: Callable[[int], None]) -> None:
         code = self.proc.wait()
+        if self.stopping:
+            return
         print(f"gkcp: error: secondary plugin {self.command} exited with status {code}",
               file=sys.stderr)
         failed(1)
 
     def stop(self) -> None:
+        self.stopping = True
         if self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)

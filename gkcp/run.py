@@ -84,11 +84,11 @@ def serve(endpoint: Endpoint, watchers: Optional[List[Watcher]] = None) -> int:
         code[0] = exit_code
         done.set()
 
-    for watch in watchers or []:
-        gevent.spawn(watch, failed)
+    watching = [gevent.spawn(watch, failed) for watch in watchers or []]
     try:
         done.wait()
     finally:
+        gevent.killall(watching)
         for handler in handlers:
             handler.cancel()
         endpoint.stop()
