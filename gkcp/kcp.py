@@ -74,6 +74,17 @@ def _diff(later: int, earlier: int) -> int:
     return ((later - earlier + 0x80000000) & MASK) - 0x80000000
 
 
+def _i32(value: int) -> int:
+    """Wrap to a C int32."""
+    return ((value + 0x80000000) & MASK) - 0x80000000
+
+
+def _cdiv(a: int, b: int) -> int:
+    """C integer division (truncates toward zero)."""
+    q = abs(a) // b
+    return q if a >= 0 else -q
+
+
 class _Segment:
     """A data segment in the send buffer (the receive side keeps tuples)."""
 
@@ -319,14 +330,20 @@ class KCP:
             self.incr = self.rmt_wnd * mss
 
     def _update_ack(self, rtt: int) -> None:
-        if self.rx_srtt == 0:
+        # ikcp does this in C int32 arithmetic; absurd RTTs (a forged ts)
+        # overflow there, so the same wrapping is reproduced here.
+        srtt = self.rx_srtt
+        if srtt == 0:
             self.rx_srtt = rtt
             self.rx_rttval = rtt // 2
+        elif rtt < 0x4000000 and srtt < 0x4000000 and 0 <= self.rx_rttval < 0x4000000:
+            self.rx_rttval = (3 * self.rx_rttval + abs(rtt - srtt)) // 4
+            self.rx_srtt = max((7 * srtt + rtt) // 8, 1)
         else:
-            delta = abs(rtt - self.rx_srtt)
-            self.rx_rttval = (3 * self.rx_rttval + delta) // 4
-            self.rx_srtt = max((7 * self.rx_srtt + rtt) // 8, 1)
-        rto = self.rx_srtt + max(self.interval, 4 * self.rx_rttval)
+            delta = abs(_i32(rtt - srtt))
+            self.rx_rttval = _i32(_cdiv(_i32(3 * self.rx_rttval) + delta, 4))
+            self.rx_srtt = max(_cdiv(_i32(7 * srtt + rtt), 8), 1)
+        rto = (self.rx_srtt + max(self.interval, (4 * self.rx_rttval) & MASK)) & MASK
         self.rx_rto = min(max(self.rx_minrto, rto), RTO_MAX)
 
     def _shrink_buf(self) -> None:
