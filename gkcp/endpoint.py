@@ -174,10 +174,12 @@ class Peer:
         self.last_recv_ms = now
         self.last_ping_ms = now
         self.instance: Optional[int] = None  # the remote endpoint's instance id
+        self.last_control_ms: Optional[int] = None  # when a PING/PONG last came
         # address validation (server side): until the peer echoes our
         # challenge, send no more bytes than we received from it
         self.validated = validated
-        self.challenge_ts: Optional[int] = None
+        self.challenges: Deque[int] = deque(maxlen=8)  # ts of the PINGs we sent
+        self.challenge_ms: Optional[int] = None  # when the last one went out
         self.budget = 0
         self.held: Deque[bytes] = deque()
         self.held_bytes = 0
@@ -291,6 +293,7 @@ class Endpoint:
             peer.last_recv_ms = now
             if not peer.validated:
                 peer.received(len(data))
+                self.unvalidated(peer, conv.conv, now)
             kcp = conv.kcp
             kcp.current = now
             if kcp.input(data) < 0:
@@ -316,6 +319,9 @@ class Endpoint:
                    peer: Optional[Peer], now: int) -> None:
         raise NotImplementedError
 
+    def unvalidated(self, peer: Peer, conv: int, now: int) -> None:
+        """Traffic from a peer that has not proved its address yet (server only)."""
+
     def on_control_stranger(self, transport: UdpTransport, message: ControlDatagram,
                             addr: Address, now: int) -> None:
         """A control datagram from an address we hold nothing for: ignore it."""
@@ -325,12 +331,15 @@ class Endpoint:
         if cmd is Control.RST:
             self._on_rst(peer, message, now)
             return
+        peer.last_control_ms = now
         self._note_instance(peer, message.extra, message.conv)
         if cmd is Control.PING:
-            peer.control(message.conv, Control.PONG, echo=message.ts, extra=self.instance)
-        elif cmd is Control.PONG and peer.challenge_ts is not None \
-                and message.echo == peer.challenge_ts and not peer.validated:
+            self.answer_ping(peer, message, now)
+        elif cmd is Control.PONG and not peer.validated and message.echo in peer.challenges:
             peer.validate()
+
+    def answer_ping(self, peer: Peer, message: ControlDatagram, now: int) -> None:
+        peer.control(message.conv, Control.PONG, echo=message.ts, extra=self.instance)
 
     def _note_instance(self, peer: Peer, instance: int, keep_conv: int) -> None:
         """The remote restarted (new instance id): its old conversations are gone."""

@@ -16,6 +16,7 @@ import os
 import socket
 from typing import List, Optional, Sequence, Tuple
 
+import gevent
 from gevent.server import StreamServer
 
 from .conversation import Conversation
@@ -25,6 +26,8 @@ from .protocol import OPEN_MESSAGE, Control, Limits, Reason, push_ts
 from .sockopts import apply_outbound
 
 log = logging.getLogger(__name__)
+
+HELLO_BACKOFF_S = (0.2, 0.4, 0.8, 1.6, 3.2)
 
 
 class LocalEndpoint(Endpoint):
@@ -84,14 +87,15 @@ class LocalEndpoint(Endpoint):
     def _handle(self, sock: socket.socket, addr: Address) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = self._pick_peer()
-        if not peer.conversations:
+        first = not peer.conversations
+        if first:
             peer.last_recv_ms = now_ms()  # silence is counted from now
-            peer.last_ping_ms = now_ms()
-            peer.control(0, Control.PING, extra=self.instance)
         conv = Conversation(self, peer, self._fresh_conv(peer), now_ms())
         self.register(peer, conv)
         conv.kcp.send(OPEN_MESSAGE)
         self.mark_dirty(conv)
+        if first:  # after the opener: the server answers PINGs only from known peers
+            self.group.spawn(self._hello, peer, now_ms())
         log.debug("%s -> %r opened", addr, conv)
         conv.run(sock)
 
@@ -106,6 +110,23 @@ class LocalEndpoint(Endpoint):
 
     def forget_peer(self, peer: Peer) -> None:
         """A client keeps its server peers (and sockets) for the next connection."""
+
+    def _hello(self, peer: Peer, opened: int) -> None:
+        """PING a server we start talking to until it answers (PONG or challenge).
+
+        This is what lets a server validate our address even when its first
+        challenge, or our answer, was lost and we have nothing else to send.
+        """
+        for delay_s in HELLO_BACKOFF_S:
+            if not peer.conversations:
+                return
+            now = now_ms()
+            if peer.last_control_ms is not None and \
+                    elapsed_ms(now, peer.last_control_ms) <= elapsed_ms(now, opened):
+                return  # heard from it since we opened
+            peer.last_ping_ms = now
+            peer.control(0, Control.PING, extra=self.instance)
+            gevent.sleep(delay_s)
 
     def keepalive(self, peer: Peer, now: int) -> None:
         if peer.conversations and \

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 from gevent import socket as gsocket
 
 from .conversation import Conversation
-from .endpoint import Address, Endpoint, Peer, UdpTransport, udp_socket
+from .endpoint import Address, Endpoint, Peer, UdpTransport, elapsed_ms, udp_socket
 from .options import Options
 from .protocol import (
     OPEN_MESSAGE,
@@ -36,6 +36,8 @@ from .protocol import (
 from .sockopts import apply_outbound
 
 log = logging.getLogger(__name__)
+
+CHALLENGE_EVERY_MS = 200
 
 
 class ServerEndpoint(Endpoint):
@@ -109,10 +111,30 @@ class ServerEndpoint(Endpoint):
         kcp.input(data)
         conv.latest_peer_ts = push_ts(data)
         self.mark_dirty(conv)
-        if not peer.validated and peer.challenge_ts is None:
-            peer.challenge_ts = now
-            peer.output(encode_control(conv.conv, Control.PING, now, 0, self.instance))
+        if not peer.validated:
+            self.unvalidated(peer, conv.conv, now)
         self.group.spawn(self._serve, conv)
+
+    def answer_ping(self, peer: Peer, message: ControlDatagram, now: int) -> None:
+        """A PING from an unproven address is answered with a challenge instead."""
+        if peer.validated:
+            super().answer_ping(peer, message, now)
+        else:
+            peer.challenge_ms = None
+            self.unvalidated(peer, message.conv, now)
+
+    def unvalidated(self, peer: Peer, conv: int, now: int) -> None:
+        """(Re)send the address challenge, at most every CHALLENGE_EVERY_MS.
+
+        Challenges or their answers get lost like any datagram; the peer's
+        own retransmissions bring us here again and pay for the next one.
+        """
+        if peer.challenge_ms is not None and \
+                elapsed_ms(now, peer.challenge_ms) < CHALLENGE_EVERY_MS:
+            return
+        peer.challenge_ms = now
+        peer.challenges.append(now)
+        peer.output(encode_control(conv, Control.PING, now, 0, self.instance))
 
     def on_control(self, peer: Peer, message: ControlDatagram, now: int) -> None:
         was_validated = peer.validated
