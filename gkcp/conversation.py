@@ -24,7 +24,7 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import gevent
 from gevent.event import Event
@@ -72,6 +72,9 @@ class Conversation:
         self.last_una = kcp.snd_una
         self.last_una_ms = now_ms
         self.latest_peer_ts: Optional[int] = None  # newest PUSH ts seen from the peer
+        self.peer_instance: Optional[int] = None  # the instance id in OPEN/ACCEPT
+        # the first message from the peer, if it is a greeting to check:
+        self.greeting: Optional[Callable[[bytes], bool]] = None
         self.timer_due: Optional[int] = None
         self.bytes_up = 0  # TCP -> KCP
         self.bytes_down = 0  # KCP -> TCP
@@ -138,6 +141,12 @@ class Conversation:
                 continue
             if kcp.probe:  # the receive window reopened: tell the peer now
                 endpoint.mark_dirty(self)
+            greeting, self.greeting = self.greeting, None
+            if greeting is not None:
+                if not greeting(msg):
+                    self.abort(Reason.ABORTED)
+                    return
+                continue
             if not msg:
                 self.fin_received = True
                 try:

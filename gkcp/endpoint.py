@@ -33,7 +33,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Set, Tuple
 
 import gevent
 from gevent import monkey
@@ -69,6 +69,8 @@ _StdSocket = monkey.get_original("socket", "socket")
 READ_BATCH = 256
 SOCKET_BUFFER = 4 * 1024 * 1024
 RST_PER_SECOND = 200
+WINDOW_BUDGET = 4096  # segments in flight per endpoint, shared by busy conversations
+WINDOW_MIN = 32
 
 
 def udp_socket(family: int) -> socket.socket:
@@ -242,6 +244,8 @@ class Endpoint:
         self.group = Group()
         self.lingering: Dict[Conversation, int] = {}
         self._dirty: List[Conversation] = []
+        self._busy: Set[Conversation] = set()
+        self._snd_wnd = options.sndwnd
         self._heap: List[Tuple[int, int, Conversation]] = []
         self._heap_seq = 0
         self._timer_wake = Event()
@@ -272,9 +276,10 @@ class Endpoint:
         for conv in self.conversations():
             conv.abort(Reason.SHUTDOWN)
         self._flush_dirty()
+        # readers first: closing a socket a greenlet waits on upsets libev
+        self.group.kill(block=True, timeout=2)
         for transport in self.transports:
             transport.close()
-        self.group.kill(block=True, timeout=2)
         self.stopped.set()
 
     # -- datagrams in -------------------------------------------------------------------
@@ -324,7 +329,15 @@ class Endpoint:
 
     def on_control_stranger(self, transport: UdpTransport, message: ControlDatagram,
                             addr: Address, now: int) -> None:
-        """A control datagram from an address we hold nothing for: ignore it."""
+        """From an address we hold nothing for: answer a PING (so a client of
+        our previous incarnation learns our new instance id), ignore the rest.
+
+        The PONG is exactly as large as the PING and shares the RST rate
+        limit, so this amplifies nothing and creates no state.
+        """
+        if message.cmd is Control.PING and self._take_rst_token():
+            transport.send(encode_control(message.conv, Control.PONG, now_ms(), message.ts,
+                                          self.instance), addr)
 
     def on_control(self, peer: Peer, message: ControlDatagram, now: int) -> None:
         cmd = message.cmd
@@ -332,7 +345,7 @@ class Endpoint:
             self._on_rst(peer, message, now)
             return
         peer.last_control_ms = now
-        self._note_instance(peer, message.extra, message.conv)
+        self.note_instance(peer, message.extra)
         if cmd is Control.PING:
             self.answer_ping(peer, message, now)
         elif cmd is Control.PONG and not peer.validated and message.echo in peer.challenges:
@@ -341,14 +354,17 @@ class Endpoint:
     def answer_ping(self, peer: Peer, message: ControlDatagram, now: int) -> None:
         peer.control(message.conv, Control.PONG, echo=message.ts, extra=self.instance)
 
-    def _note_instance(self, peer: Peer, instance: int, keep_conv: int) -> None:
-        """The remote restarted (new instance id): its old conversations are gone."""
-        if peer.instance is not None and peer.instance != instance:
-            log.info("%s restarted: dropping its old conversations", peer.addr)
-            for conv in list(peer.conversations.values()):
-                if conv.conv != keep_conv:
-                    conv.abort(Reason.UNKNOWN_CONV, from_peer=True)
+    def note_instance(self, peer: Peer, instance: int) -> None:
+        """The peer speaks as `instance`: conversations of an older one are gone."""
+        if peer.instance == instance:
+            return
         peer.instance = instance
+        stale = [c for c in peer.conversations.values()
+                 if c.peer_instance is not None and c.peer_instance != instance]
+        if stale:
+            log.info("%s restarted: dropping %d old conversations", peer.addr, len(stale))
+        for conv in stale:
+            conv.abort(Reason.UNKNOWN_CONV, from_peer=True)
 
     def _on_rst(self, peer: Peer, message: ControlDatagram, now: int) -> None:
         conv = peer.conversations.get(message.conv)
@@ -414,6 +430,7 @@ class Endpoint:
             seen.add(conv)
             kcp = conv.kcp
             kcp.current = now
+            kcp.snd_wnd = self._snd_wnd
             kcp.flush()
             conv.on_input()
             self._schedule(conv, now)
@@ -422,8 +439,26 @@ class Endpoint:
         conv.kcp.current = now_ms()
         conv.kcp.flush()
 
+    def _share_window(self, conv: Conversation, sending: bool) -> None:
+        """Split WINDOW_BUDGET segments in flight among the conversations sending.
+
+        Without it, many conversations each sending a full window (nc=1 has
+        no congestion window) overflow socket buffers and collapse into
+        retransmissions.  One busy conversation still gets its full sndwnd.
+        """
+        busy = self._busy
+        if sending == (conv in busy):
+            return
+        if sending:
+            busy.add(conv)
+        else:
+            busy.discard(conv)
+        share = max(WINDOW_MIN, WINDOW_BUDGET // max(1, len(busy)))
+        self._snd_wnd = min(self.options.sndwnd, share)
+
     def _schedule(self, conv: Conversation, now: int) -> None:
         kcp = conv.kcp
+        self._share_window(conv, bool(kcp.nsnd_buf or kcp.snd_queue) and not conv.closed)
         if conv.closed or not (kcp.nsnd_buf or kcp.snd_queue or kcp.acklist or kcp.probe):
             conv.timer_due = None
             return
@@ -447,6 +482,7 @@ class Endpoint:
                 if conv.timer_due != key or conv.closed:
                     continue  # superseded by an earlier entry, or gone
                 conv.timer_due = None
+                conv.kcp.snd_wnd = self._snd_wnd
                 conv.kcp.update(wall)
                 conv.on_input()
                 self._schedule(conv, wall)
@@ -465,6 +501,7 @@ class Endpoint:
         """Forget a conversation (after an abort or its linger time)."""
         conv.release()
         self.lingering.pop(conv, None)
+        self._share_window(conv, False)
         peer = conv.peer
         if peer.conversations.get(conv.conv) is conv:
             del peer.conversations[conv.conv]

@@ -22,7 +22,7 @@ from gevent.server import StreamServer
 from .conversation import Conversation
 from .endpoint import Address, Endpoint, Peer, UdpTransport, elapsed_ms, now_ms, udp_socket
 from .options import Options
-from .protocol import OPEN_MESSAGE, Control, Limits, Reason, push_ts
+from .protocol import ACCEPT_LEN, Control, Limits, Reason, open_message, parse_greeting, push_ts
 from .sockopts import apply_outbound
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ class LocalEndpoint(Endpoint):
             peer.last_recv_ms = now_ms()  # silence is counted from now
         conv = Conversation(self, peer, self._fresh_conv(peer), now_ms())
         self.register(peer, conv)
-        conv.kcp.send(OPEN_MESSAGE)
+        conv.kcp.send(open_message(self.instance))
+        conv.greeting = lambda msg: self._accepted(conv, msg)
         self.mark_dirty(conv)
         if first:  # after the opener: the server answers PINGs only from known peers
             self.group.spawn(self._hello, peer, now_ms())
@@ -110,6 +111,16 @@ class LocalEndpoint(Endpoint):
 
     def forget_peer(self, peer: Peer) -> None:
         """A client keeps its server peers (and sockets) for the next connection."""
+
+    def _accepted(self, conv: Conversation, message: bytes) -> bool:
+        """The server's ACCEPT: remember which server instance owns `conv`."""
+        instance = parse_greeting(message, ACCEPT_LEN)
+        if instance is None:
+            log.warning("%r: the server's first message is not ACCEPT", conv)
+            return False
+        conv.peer_instance = instance
+        self.note_instance(conv.peer, instance)
+        return True
 
     def _hello(self, peer: Peer, opened: int) -> None:
         """PING a server we start talking to until it answers (PONG or challenge).

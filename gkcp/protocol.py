@@ -8,10 +8,11 @@ wire there are two kinds of datagram, told apart by the byte at offset 4:
 * KCP datagrams (cmd 81..84, at least 24 bytes), handed to `gkcp.kcp.KCP`;
 * control datagrams (cmd 1..3, exactly 20 bytes): RST, PING and PONG.
 
-Inside a conversation the client's first message is OPEN (a fixed 64-byte
-message starting with b"GKCP" and the version), then every non-empty
-message is stream data and an empty message is FIN: no more data in that
-direction.  The server sends no OPEN.
+Inside a conversation the client's first message is OPEN (64 bytes:
+b"GKCP", the version, the client's instance id, zero padding) and the
+server's first message is ACCEPT (9 bytes: b"GKCP", the version, the
+server's instance id).  Then every non-empty message is stream data and an
+empty message is FIN: no more data in that direction.
 
 This module holds what both roles and any I/O layer share: encoding and
 decoding of control datagrams, the rule that decides whether an unknown
@@ -30,9 +31,30 @@ from .kcp import CMD_ACK, CMD_PUSH, CMD_WASK, CMD_WINS, MASK, OVERHEAD
 
 VERSION = 1
 MAGIC = b"GKCP"
+GREETING = MAGIC + bytes([VERSION])
 OPEN_LEN = 64
-OPEN_MESSAGE = MAGIC + bytes([VERSION]) + bytes(OPEN_LEN - len(MAGIC) - 1)
+ACCEPT_LEN = 9
 FIN_MESSAGE = b""
+
+
+def open_message(instance: int) -> bytes:
+    """The client's first message: magic, version, its instance id, zero padding."""
+    head = GREETING + (instance & MASK).to_bytes(4, "little")
+    return head + bytes(OPEN_LEN - len(head))
+
+
+def accept_message(instance: int) -> bytes:
+    """The server's first message: magic, version, its instance id."""
+    return GREETING + (instance & MASK).to_bytes(4, "little")
+
+
+def parse_greeting(message: bytes, length: int) -> Optional[int]:
+    """The instance id in an OPEN (length 64) or ACCEPT (9) message, or None."""
+    if len(message) != length or not message.startswith(GREETING):
+        return None
+    if any(message[ACCEPT_LEN:]):
+        return None
+    return int.from_bytes(message[5:9], "little")
 
 CONTROL_LEN = 20
 _CONTROL = struct.Struct("<IBBHIII")
@@ -113,7 +135,7 @@ def is_opener(datagram: bytes) -> bool:
     conv, cmd, frg, _wnd, _ts, sn, una, length = _KCP_HEAD.unpack_from(datagram)
     return (conv != 0 and cmd == CMD_PUSH and frg == 0 and sn == 0 and una == 0
             and length == OPEN_LEN
-            and datagram[OVERHEAD:OVERHEAD + OPEN_LEN] == OPEN_MESSAGE)
+            and parse_greeting(datagram[OVERHEAD:OVERHEAD + OPEN_LEN], OPEN_LEN) is not None)
 
 
 def push_ts(datagram: bytes) -> Optional[int]:

@@ -23,14 +23,16 @@ from .conversation import Conversation
 from .endpoint import Address, Endpoint, Peer, UdpTransport, elapsed_ms, udp_socket
 from .options import Options
 from .protocol import (
-    OPEN_MESSAGE,
+    OPEN_LEN,
     Control,
     ControlDatagram,
     Limits,
     Reason,
+    accept_message,
     encode_control,
     is_opener,
     may_be_first_flight,
+    parse_greeting,
     push_ts,
 )
 from .sockopts import apply_outbound
@@ -110,6 +112,8 @@ class ServerEndpoint(Endpoint):
         kcp.current = now
         kcp.input(data)
         conv.latest_peer_ts = push_ts(data)
+        conv.peer_instance = parse_greeting(kcp.recv() or b"", OPEN_LEN)
+        self.note_instance(peer, conv.peer_instance or 0)
         self.mark_dirty(conv)
         if not peer.validated:
             self.unvalidated(peer, conv.conv, now)
@@ -149,9 +153,6 @@ class ServerEndpoint(Endpoint):
 
     # -- one conversation -----------------------------------------------------------
     def _serve(self, conv: Conversation) -> None:
-        if conv.kcp.recv() != OPEN_MESSAGE:  # the opener was checked: cannot happen
-            conv.abort(Reason.ABORTED)
-            return
         try:
             sock = self._connect()
         except OSError as exc:
@@ -162,6 +163,10 @@ class ServerEndpoint(Endpoint):
         if conv.closed:
             sock.close()
             return
+        # ACCEPT only now: a refused connection costs the client's address
+        # no more than ACK, challenge and RST, less than the opener it sent
+        conv.kcp.send(accept_message(self.instance))
+        self.mark_dirty(conv)
         conv.run(sock)
 
     def _connect(self) -> socket.socket:
