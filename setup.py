@@ -44,7 +44,9 @@ TEST_REQUIRES = [
     "psutil",
     "siokcp",
     "hypothesis",
+    "cryptography>=41",
 ]
+CRYPTO_REQUIRES = ["cryptography>=41"]
 
 DEV_REQUIRES = TEST_REQUIRES + [
     "ruff",
@@ -75,6 +77,7 @@ setup(
     install_requires=["gevent>=22"],
     extras_require={
         "test": TEST_REQUIRES,
+        "crypto": CRYPTO_REQUIRES,
         "dev": DEV_REQUIRES,
     },
     entry_points={

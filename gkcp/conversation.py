@@ -51,7 +51,7 @@ class Conversation:
         kcp = KCP(conv, peer.output)
         kcp.nodelay(opts.nodelay, opts.interval, opts.resend, int(opts.nc))
         kcp.wndsize(opts.sndwnd, opts.rcvwnd)
-        kcp.setmtu(opts.mtu)
+        kcp.setmtu(endpoint.kcp_mtu)
         kcp.update(now_ms)  # first update: arms the clock, cwnd becomes 1
         self.kcp = kcp
         self.send_limit = max(2 * opts.sndwnd, 64)

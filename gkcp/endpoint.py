@@ -42,6 +42,8 @@ from gevent.pool import Group
 from gevent.socket import wait_read
 
 from .conversation import Conversation
+from .crypto import OVERHEAD as CRYPTO_OVERHEAD
+from .crypto import Sealer, derive_key
 from .kcp import MASK
 from .options import Options
 from .protocol import (
@@ -98,6 +100,7 @@ class Stats:
     bytes_in: int = 0
     bytes_out: int = 0
     invalid: int = 0  # neither KCP nor control, or rejected by KCP.input
+    auth_failed: int = 0  # key set: forged, corrupt or replayed
     unknown: int = 0  # KCP for a conversation we do not have
     send_dropped: int = 0  # socket buffer full or send error
     rst_sent: int = 0
@@ -122,9 +125,12 @@ class UdpTransport:
                 pass
         self._sendto = sock.sendto
         self._send = sock.send
+        self.sealer = endpoint.sealer
 
     def send(self, datagram: bytes, addr: Address) -> None:
         stats = self.endpoint.stats
+        if self.sealer is not None:
+            datagram = self.sealer.seal(datagram)
         try:
             if self.remote is not None:
                 self._send(datagram)
@@ -239,6 +245,9 @@ class Endpoint:
         self.limits = limits or Limits()
         self.instance = int.from_bytes(os.urandom(4), "little") or 1
         self.stats = Stats()
+        self.sealer = Sealer(derive_key(options.key)) if options.key else None
+        #: KCP's mtu: the UDP payload less what sealing adds
+        self.kcp_mtu = options.mtu - (CRYPTO_OVERHEAD if options.key else 0)
         self.transports: List[UdpTransport] = []
         self.peers: Dict[Address, Peer] = {}
         self.group = Group()
@@ -287,6 +296,12 @@ class Endpoint:
         stats = self.stats
         stats.datagrams_in += 1
         stats.bytes_in += len(data)
+        if self.sealer is not None:
+            opened = self.sealer.open(data)
+            if opened is None:
+                stats.auth_failed += 1
+                return
+            data = opened
         kind = classify(data)
         peer = self.peers.get(addr)
         if kind is Kind.KCP:

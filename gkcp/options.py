@@ -53,6 +53,7 @@ class Options:
     timeouts: Timeouts = field(default_factory=Timeouts)
     server: bool = False
     verbose: int = 0
+    key: Optional[str] = None
     plugin: Optional[str] = None
     plugin_opts: Optional[str] = None
     outbound_fwmark: Optional[int] = None
@@ -190,6 +191,7 @@ _PARSERS: Dict[str, Callable[[str, Optional[str]], object]] = {
     "rcvwnd": _int_range(1, 65535),
     "server": _bool,
     "verbose": _int_range(0, 2),
+    "key": _text,
     "plugin": _text,
     "plugin_opts": lambda k, v: v or "",
     "outbound_fwmark": _int_range(0, 0xFFFFFFFF),

@@ -19,6 +19,8 @@ import gevent
 from gevent.event import Event
 
 from .addresses import AddressError, resolve, split_host_port
+from .crypto import OVERHEAD as CRYPTO_OVERHEAD
+from .crypto import CryptoUnavailable, Sealer
 from .endpoint import Endpoint
 from .options import OptionError, Options, parse_options
 from .sockopts import SockoptError, apply_outbound
@@ -40,6 +42,14 @@ def load_options(text: str, *, server: Optional[bool] = None) -> Options:
     for warning in warnings:
         print(f"gkcp: warning: {warning}", file=sys.stderr)
     check_outbound(options)
+    if options.key is not None:
+        if options.mtu - CRYPTO_OVERHEAD < 50:
+            raise Fatal(f"option mtu={options.mtu}: with key, expected at least "
+                        f"{50 + CRYPTO_OVERHEAD}")
+        try:
+            Sealer(bytes(32))
+        except CryptoUnavailable as exc:
+            raise Fatal(str(exc)) from None
     return options
 
 
