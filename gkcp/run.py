@@ -18,6 +18,7 @@ from typing import Callable, List, Optional
 import gevent
 from gevent.event import Event
 
+from . import observe
 from .addresses import AddressError, resolve, split_host_port
 from .crypto import OVERHEAD as CRYPTO_OVERHEAD
 from .crypto import CryptoUnavailable, Sealer
@@ -95,9 +96,15 @@ def serve(endpoint: Endpoint, watchers: Optional[List[Watcher]] = None) -> int:
         done.set()
 
     watching = [gevent.spawn(watch, failed) for watch in watchers or []]
+    observers = observe.install(endpoint)
     try:
         done.wait()
     finally:
+        for handle in observers:
+            if isinstance(handle, gevent.Greenlet):
+                handle.kill()
+            else:
+                handle.cancel()  # type: ignore[attr-defined]
         gevent.killall(watching)
         for handler in handlers:
             handler.cancel()
