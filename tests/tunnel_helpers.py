@@ -3,14 +3,15 @@
 Monkey-patching
 ---------------
 gevent must patch the standard library before anything creates a socket,
-a lock or a thread.  This module patches on import, and the tunnel test
-modules import it before anything else.  Caveat: pytest imports test
-modules in collection order, so when other modules (the KCP engine tests)
-are collected first, the patch happens after they were imported.  That is
-harmless as long as they create no sockets, threads or locks at import
-time (they are sans-I/O); a module that does would keep unpatched objects.
-`monkey.is_module_patched` makes the patch idempotent, and the patch cannot
-be undone, so every later test in the session runs patched.
+a lock or a thread.  This module patches on import (unless something
+already did), and test_cli.py and test_tunnel.py import it before anything
+else.  Caveats: pytest imports test modules in collection order, so modules
+collected earlier (test_bench_smoke.py, or anything named on the command
+line before these) are imported unpatched; that is harmless as long as they
+create no sockets, threads or locks at import time, which none does today.
+The patch cannot be undone: every test after the first of these modules runs
+in a patched process (time.sleep, subprocess, select are gevent's).  The
+whole suite passes that way.
 
 What is here
 ------------
@@ -28,27 +29,28 @@ Readiness is always detected by polling (a port, a predicate), never by a
 fixed sleep.
 """
 
+# ruff: noqa: E402  (the patch must come first)
 from gevent import monkey
 
 if not monkey.is_module_patched("socket"):
     monkey.patch_all()
 
-import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable, List, Optional, Tuple  # noqa: E402
+import dataclasses
+import hashlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
 
-import gevent  # noqa: E402
-import pytest  # noqa: E402
-from gevent.pool import Group  # noqa: E402
-from gevent.server import StreamServer  # noqa: E402
+import gevent
+import pytest
+from gevent.pool import Group
+from gevent.server import StreamServer
 
 REPO = Path(__file__).resolve().parent.parent
 try:
@@ -56,11 +58,11 @@ try:
 except ImportError:  # pragma: no cover - run from elsewhere without an install
     sys.path.insert(0, str(REPO))
 
-import gkcp.options  # noqa: E402
-from gkcp.endpoint import Endpoint, UdpTransport  # noqa: E402
-from gkcp.local import LocalEndpoint  # noqa: E402
-from gkcp.protocol import Timeouts  # noqa: E402
-from gkcp.server import ServerEndpoint  # noqa: E402
+import gkcp.options
+from gkcp.endpoint import Endpoint, UdpTransport
+from gkcp.local import LocalEndpoint
+from gkcp.protocol import Timeouts
+from gkcp.server import ServerEndpoint
 
 Address = Tuple[str, int]
 CHUNK = 65536
@@ -281,11 +283,11 @@ class Tunnels:
     def close(self) -> None:
         for endpoint in reversed(self.endpoints):
             if not endpoint.stopped.is_set():
-                # End the endpoint's greenlets first: `Endpoint.stop` closes the
-                # UDP sockets before it kills the readers, and a reader that has
-                # just re-armed its watcher then makes libev abort the process
-                # (test_stop_under_traffic_does_not_crash covers that bug).  A
-                # teardown after a failed transfer must not take pytest down.
+                # End the endpoint's greenlets first, so that no reader is left
+                # waiting on a UDP socket that stop() closes: libev aborts the
+                # whole process on that (75a067d did it; the test
+                # test_stop_under_traffic_does_not_crash checks stop() itself).
+                # A teardown after a failed transfer must not take pytest down.
                 endpoint.group.kill(block=True, timeout=2)
                 endpoint.stop()
 
