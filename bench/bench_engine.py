@@ -26,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from kcpsim import engine_class, OracleKCP  # noqa: E402
+from kcpsim import OracleKCP, engine_class  # noqa: E402
 
 
 def transfer(cls, *, total: int, loss: float, seed: int, time_limit_s: float, mtu: int, wnd: int):

@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import psutil
 import pytest
+
 from e2e_helpers import (
     BIN_DIR,
     EXIT_S,

@@ -452,11 +452,11 @@ def test_link_is_deterministic_and_shapes_traffic():
     assert sent_order != sorted(sent_order)  # reordered
     # rate 10 bytes/ms: 20-byte datagrams leave one every 2 ms
     paced = Link(1, rate=10.0)
-    for i in range(100):
+    for _ in range(100):
         paced.send(0, bytes(20))
     assert [len(paced.deliver(t)) for t in (1, 2, 100, 199, 200)] == [0, 1, 49, 49, 1]
     limited = Link(1, delay_ms=(10, 10), queue_limit=30)
-    for i in range(100):
+    for _ in range(100):
         limited.send(0, bytes(1))
     assert (len(limited.deliver(10)), limited.stats.overflowed) == (30, 70)
     fifo = Link(1, delay_ms=(0, 50))
