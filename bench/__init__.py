@@ -1,0 +1,1 @@
+"""gkcp benchmarks: python -m bench [--quick] (see docs/BENCHMARKS.md)."""
