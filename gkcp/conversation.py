@@ -165,19 +165,24 @@ class Conversation:
                 return
 
     def run(self, sock: socket.socket) -> None:
-        """Carry `sock` until both directions end, then close and linger."""
+        """Carry `sock` until both directions end, then close and linger.
+
+        The calling greenlet (the accept handler, or the server's) does the
+        download itself and spawns one for the upload: two greenlets per
+        connection, not three (a parked greenlet costs ~8 KiB).
+        """
         self.sock = sock
         up = gevent.spawn(self.upload, sock)
-        down = gevent.spawn(self.download, sock)
         try:
-            gevent.joinall([up, down])
+            self.download(sock)
+            up.join()
             if not self.closed:
                 # wait until the peer has everything we sent, then linger
                 while not self.closed and self.kcp.waitsnd():
                     self.drained.clear()
                     self.drained.wait()
         finally:
-            gevent.killall([up, down], block=True)
+            up.kill(block=True)
             self._close_socket(reset=self.closed)
         if not self.closed:
             self.endpoint.linger(self)

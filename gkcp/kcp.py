@@ -18,10 +18,9 @@ is `nodelay_` here because `nodelay()` is the method.
 Where the data structures differ from ikcp's linked lists, the observable
 behaviour does not:
 
-* the send buffer is a deque holding every sequence number from `snd_una`
-  to `snd_nxt - 1` in order; an acknowledged segment in the middle is only
-  marked (`acked`) and is dropped once it reaches the front.  That makes an
-  ACK O(1) instead of a list walk, and keeps iteration order identical.
+* the send buffer is an OrderedDict from sequence number to segment, in
+  sequence order: an ACK removes its segment in O(1) instead of a list
+  walk, and iteration order is ikcp's.
 * the receive buffer is a dict keyed by sequence number: ikcp keeps it
   sorted and unique, and only ever asks "is sn present" and "is rcv_nxt
   next", which a dict answers directly.
@@ -34,7 +33,7 @@ the datagrams themselves on the hot paths.
 from __future__ import annotations
 
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable, Deque, Dict, List, Optional
 
 __all__ = ["KCP", "CMD_PUSH", "CMD_ACK", "CMD_WASK", "CMD_WINS", "OVERHEAD"]
@@ -64,6 +63,7 @@ PROBE_LIMIT = 120000
 FASTACK_LIMIT = 5
 
 MASK = 0xFFFFFFFF
+HALF = 0x80000000  # (a - b) & MASK < HALF  <=>  _diff(a, b) >= 0
 _HEADER = struct.Struct("<IBBHIIII")
 _pack_header = _HEADER.pack
 _unpack_header_from = _HEADER.unpack_from
@@ -88,7 +88,7 @@ def _cdiv(a: int, b: int) -> int:
 class _Segment:
     """A data segment in the send buffer (the receive side keeps tuples)."""
 
-    __slots__ = ("sn", "frg", "ts", "resendts", "rto", "fastack", "xmit", "data", "acked")
+    __slots__ = ("sn", "frg", "ts", "resendts", "rto", "fastack", "xmit", "data")
 
     def __init__(self, frg: int, data: bytes) -> None:
         self.frg = frg
@@ -99,7 +99,6 @@ class _Segment:
         self.rto = 0
         self.fastack = 0
         self.xmit = 0
-        self.acked = False
 
 
 class KCP:
@@ -141,14 +140,17 @@ class KCP:
         self.xmit = 0
         self.dead_link = DEADLINK
         self.snd_queue: Deque[_Segment] = deque()
-        # snd_buf holds sn snd_una .. snd_nxt-1 contiguously (see module doc).
-        self.snd_buf: Deque[_Segment] = deque()
-        self.nsnd_buf = 0
+        # sn -> segment, in sn order: the unacknowledged segments in flight
+        self.snd_buf: "OrderedDict[int, _Segment]" = OrderedDict()
         self.rcv_queue: Deque[tuple] = deque()  # (frg, data)
         self.rcv_buf: Dict[int, tuple] = {}  # sn -> (frg, data)
         self.acklist: List[int] = []  # flat: sn, ts, sn, ts, ...
 
     # -- counters ikcp keeps as fields --------------------------------------
+    @property
+    def nsnd_buf(self) -> int:
+        return len(self.snd_buf)
+
     @property
     def nsnd_que(self) -> int:
         return len(self.snd_queue)
@@ -348,41 +350,35 @@ class KCP:
 
     def _shrink_buf(self) -> None:
         buf = self.snd_buf
-        while buf and buf[0].acked:
-            buf.popleft()
-        self.snd_una = buf[0].sn if buf else self.snd_nxt
+        self.snd_una = next(iter(buf)) if buf else self.snd_nxt
 
     def _parse_una(self, una: int) -> None:
         buf = self.snd_buf
-        if not buf or _diff(una, buf[0].sn) <= 0:
-            return
-        while buf and _diff(una, buf[0].sn) > 0:
-            if not buf.popleft().acked:
-                self.nsnd_buf -= 1
-        self._shrink_buf()
+        popitem = buf.popitem
+        changed = False
+        while buf:
+            d = (una - next(iter(buf))) & MASK
+            if d == 0 or d >= HALF:  # una <= first sn
+                break
+            popitem(last=False)
+            changed = True
+        if changed:
+            self._shrink_buf()
 
     def _parse_ack(self, sn: int) -> None:
-        buf = self.snd_buf
-        if not buf:
-            return
-        index = _diff(sn, buf[0].sn)
-        if 0 <= index < len(buf):
-            seg = buf[index]
-            if not seg.acked:
-                seg.acked = True
-                self.nsnd_buf -= 1
-                if index == 0:
-                    self._shrink_buf()
+        # every key in snd_buf lies in [snd_una, snd_nxt): ikcp's range check
+        if self.snd_buf.pop(sn, None) is not None and sn == self.snd_una:
+            self._shrink_buf()
 
     def _parse_fastack(self, sn: int, ts: int) -> None:
-        if _diff(sn, self.snd_una) < 0 or _diff(sn, self.snd_nxt) >= 0:
-            return
-        for seg in self.snd_buf:
-            if seg.acked:
-                continue
-            if _diff(sn, seg.sn) <= 0:
+        una = self.snd_una
+        limit = (sn - una) & MASK  # sn's distance from snd_una
+        if limit >= (self.snd_nxt - una) & MASK:
+            return  # sn outside [snd_una, snd_nxt)
+        for seg in self.snd_buf.values():
+            if (seg.sn - una) & MASK >= limit:
                 break  # sn == seg.sn is not counted, sn < seg.sn ends the walk
-            if _diff(ts, seg.ts) >= 0:
+            if (ts - seg.ts) & MASK < HALF:  # seg.ts <= ts
                 seg.fastack += 1
 
     def _parse_data(self, sn: int, frg: int, data: bytes) -> None:
@@ -433,11 +429,9 @@ class KCP:
         if slap >= 0:
             return current
         minimal = -slap
-        for seg in self.snd_buf:
-            if seg.acked:
-                continue
-            diff = _diff(seg.resendts, current)
-            if diff <= 0:
+        for seg in self.snd_buf.values():
+            diff = (seg.resendts - current) & MASK
+            if diff == 0 or diff >= HALF:  # due now or overdue
                 return current
             if diff < minimal:
                 minimal = diff
@@ -519,8 +513,7 @@ class KCP:
                 seg.ts = current
                 seg.resendts = current
                 seg.rto = rx_rto
-                snd_buf.append(seg)
-                self.nsnd_buf += 1
+                snd_buf[snd_nxt] = seg
                 snd_nxt = (snd_nxt + 1) & MASK
             self.snd_nxt = snd_nxt
 
@@ -529,26 +522,22 @@ class KCP:
         rtomin = (self.rx_rto >> 3) if self.nodelay_ == 0 else 0
         change = 0
         lost = False
-        if self.nsnd_buf:
+        if snd_buf:
             nodelay = self.nodelay_
             fastlimit = self.fastlimit
             dead_link = self.dead_link
             rx_rto = self.rx_rto
-            for seg in snd_buf:
-                if seg.acked:
-                    continue
+            for seg in snd_buf.values():
                 if seg.xmit == 0:
                     seg.rto = rx_rto
                     seg.resendts = (current + rx_rto + rtomin) & MASK
-                elif _diff(current, seg.resendts) >= 0:
+                elif (current - seg.resendts) & MASK < HALF:  # resendts <= current
                     self.xmit += 1
                     if nodelay == 0:
                         seg.rto = (seg.rto + max(seg.rto, rx_rto)) & MASK
                     else:
-                        step = seg.rto if nodelay < 2 else rx_rto
-                        if step >= 0x80000000:
-                            step -= 0x100000000
-                        seg.rto = (seg.rto + int(step / 2)) & MASK
+                        step = _i32(seg.rto) if nodelay < 2 else rx_rto
+                        seg.rto = (seg.rto + _cdiv(step, 2)) & MASK
                     seg.resendts = (current + seg.rto) & MASK
                     lost = True
                 elif seg.fastack >= resent and (seg.xmit <= fastlimit or fastlimit <= 0):

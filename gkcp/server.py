@@ -91,12 +91,10 @@ class ServerEndpoint(Endpoint):
 
     def _admit(self, transport: UdpTransport, data: bytes, addr: Address,
                peer: Optional[Peer], now: int) -> None:
-        limits = self.limits
-        total = sum(len(p.conversations) for p in self.peers.values())
-        if total >= limits.sessions or (peer is not None and
-                                        len(peer.conversations) >= limits.per_peer):
+        if not self._room_for(peer):
             self.stats.refused += 1
             return
+        limits = self.limits
         if peer is None:
             if self.half_open >= limits.half_open:
                 self.stats.refused += 1
@@ -139,6 +137,28 @@ class ServerEndpoint(Endpoint):
         peer.challenge_ms = now
         peer.challenges.append(now)
         peer.output(encode_control(conv, Control.PING, now, 0, self.instance))
+
+    def _room_for(self, peer: Optional[Peer]) -> bool:
+        """Is there room for one more conversation (from `peer`)?
+
+        Lingering conversations (closed cleanly, still acknowledging) hold a
+        slot only until it is needed: then the oldest one makes room.
+        """
+        limits = self.limits
+        total = sum(len(p.conversations) for p in self.peers.values())
+        mine = len(peer.conversations) if peer is not None else 0
+        while total >= limits.sessions or mine >= limits.per_peer:
+            if total >= limits.sessions:
+                victim = next(iter(self.lingering), None)
+            else:
+                victim = next((c for c in self.lingering if c.peer is peer), None)
+            if victim is None:
+                return False
+            self.release(victim)
+            total -= 1
+            if victim.peer is peer:
+                mine -= 1
+        return True
 
     def on_control(self, peer: Peer, message: ControlDatagram, now: int) -> None:
         was_validated = peer.validated
