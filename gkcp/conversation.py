@@ -43,6 +43,14 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class Conversation:
     """KCP state plus the I/O state of one tunnelled connection."""
 
+    __slots__ = (
+        "endpoint", "peer", "conv", "kcp", "send_limit", "chunk", "sock", "readable",
+        "writable", "drained", "fin_sent", "fin_received", "closed", "reason",
+        "started_s", "created_ms", "last_payload_ms", "last_una", "last_una_ms",
+        "latest_peer_ts", "peer_instance", "greeting", "timer_due", "bytes_up",
+        "bytes_down", "__weakref__",
+    )
+
     def __init__(self, endpoint: "Endpoint", peer: "Peer", conv: int, now_ms: int) -> None:
         self.endpoint = endpoint
         self.peer = peer
@@ -61,7 +69,6 @@ class Conversation:
         self.readable = Event()  # the download side has something to do
         self.writable = Event()  # the upload side may read more from TCP
         self.drained = Event()  # everything we sent is acknowledged
-        self.done = Event()  # released: both greenlets should end
         self.fin_sent = False
         self.fin_received = False
         self.closed = False
@@ -210,7 +217,6 @@ class Conversation:
         self.readable.set()
         self.writable.set()
         self.drained.set()
-        self.done.set()
 
     def _close_socket(self, *, reset: bool) -> None:
         sock = self.sock

@@ -104,6 +104,48 @@ class _Segment:
 class KCP:
     """One KCP conversation (ikcp's ikcpcb)."""
 
+    __slots__ = (
+        "conv",
+        "output",
+        "snd_una",
+        "snd_nxt",
+        "rcv_nxt",
+        "ts_recent",
+        "ts_lastack",
+        "ts_probe",
+        "probe_wait",
+        "snd_wnd",
+        "rcv_wnd",
+        "rmt_wnd",
+        "cwnd",
+        "incr",
+        "probe",
+        "mtu",
+        "mss",
+        "stream",
+        "state",
+        "rx_srtt",
+        "rx_rttval",
+        "rx_rto",
+        "rx_minrto",
+        "current",
+        "interval",
+        "ts_flush",
+        "nodelay_",
+        "updated",
+        "ssthresh",
+        "fastresend",
+        "fastlimit",
+        "nocwnd",
+        "xmit",
+        "dead_link",
+        "snd_queue",
+        "snd_buf",
+        "rcv_queue",
+        "rcv_buf",
+        "acklist",
+    )
+
     def __init__(self, conv: int, output: Callable[[bytes], object]) -> None:
         self.conv = conv & MASK
         self.output = output
