@@ -182,7 +182,7 @@ class Peer:
         self.last_recv_ms = now
         self.last_ping_ms = now
         self.instance: Optional[int] = None  # the remote endpoint's instance id
-        self.last_control_ms: Optional[int] = None  # when a PING/PONG last came
+        self.last_pong_ms: Optional[int] = None  # when a PONG last came
         # address validation (server side): until the peer echoes our
         # challenge, send no more bytes than we received from it
         self.validated = validated
@@ -200,7 +200,7 @@ class Peer:
         if self.validated:
             self.transport.send(datagram, self.addr)
             return
-        size = len(datagram)
+        size = len(datagram) + self.endpoint.seal_overhead  # bytes on the wire
         if not self.held and size <= self.budget:
             self.budget -= size
             self.transport.send(datagram, self.addr)
@@ -211,9 +211,21 @@ class Peer:
             self.endpoint.stats.send_dropped += 1
 
     def received(self, size: int) -> None:
-        """Account for `size` bytes received from this (unvalidated) peer."""
-        self.budget += size
+        """Account for a datagram of `size` plain bytes from this (unvalidated) peer."""
+        self.budget += size + self.endpoint.seal_overhead
         self._release_held()
+
+    def send_ahead(self, datagram: bytes) -> bool:
+        """Send past the held queue if the budget allows (address challenges)."""
+        if self.validated:
+            self.transport.send(datagram, self.addr)
+            return True
+        size = len(datagram) + self.endpoint.seal_overhead
+        if size > self.budget:
+            return False
+        self.budget -= size
+        self.transport.send(datagram, self.addr)
+        return True
 
     def validate(self) -> None:
         self.validated = True
@@ -222,11 +234,12 @@ class Peer:
 
     def _release_held(self) -> None:
         held = self.held
-        while held and len(held[0]) <= self.budget:
+        overhead = self.endpoint.seal_overhead
+        while held and len(held[0]) + overhead <= self.budget:
             datagram = held.popleft()
-            self.held_bytes -= len(datagram)
+            self.held_bytes -= len(datagram) + overhead
             if not self.validated:
-                self.budget -= len(datagram)
+                self.budget -= len(datagram) + overhead
             self.transport.send(datagram, self.addr)
 
     def control(self, conv: int, cmd: Control, echo: int = 0, extra: int = 0,
@@ -246,14 +259,17 @@ class Endpoint:
         self.instance = int.from_bytes(os.urandom(4), "little") or 1
         self.stats = Stats()
         self.sealer = Sealer(derive_key(options.key)) if options.key else None
-        #: KCP's mtu: the UDP payload less what sealing adds
-        self.kcp_mtu = options.mtu - (CRYPTO_OVERHEAD if options.key else 0)
+        #: what sealing adds to each datagram, and KCP's mtu (the UDP payload less that)
+        self.seal_overhead = CRYPTO_OVERHEAD if options.key else 0
+        self.kcp_mtu = options.mtu - self.seal_overhead
         self.transports: List[UdpTransport] = []
         self.peers: Dict[Address, Peer] = {}
         self.group = Group()
         self.lingering: Dict[Conversation, int] = {}
         self._dirty: List[Conversation] = []
         self._busy: Set[Conversation] = set()
+        self.n_conversations = 0
+        self.n_unproven = 0  # conversations of peers that have not proved their address
         self._snd_wnd = options.sndwnd
         self._heap: List[Tuple[int, int, Conversation]] = []
         self._heap_seq = 0
@@ -359,12 +375,16 @@ class Endpoint:
         if cmd is Control.RST:
             self._on_rst(peer, message, now)
             return
-        peer.last_control_ms = now
+        if cmd is Control.PONG:
+            peer.last_pong_ms = now
         self.note_instance(peer, message.extra)
         if cmd is Control.PING:
             self.answer_ping(peer, message, now)
         elif cmd is Control.PONG and not peer.validated and message.echo in peer.challenges:
+            self.n_unproven -= len(peer.conversations)
             peer.validate()
+            for conv in peer.conversations.values():
+                self.mark_dirty(conv)  # and so back on the timer
 
     def answer_ping(self, peer: Peer, message: ControlDatagram, now: int) -> None:
         peer.control(message.conv, Control.PONG, echo=message.ts, extra=self.instance)
@@ -473,6 +493,11 @@ class Endpoint:
 
     def _schedule(self, conv: Conversation, now: int) -> None:
         kcp = conv.kcp
+        if not conv.peer.validated:
+            # no timer and no window share for a peer that has not proved its
+            # address: its output is held anyway; validation flushes it
+            conv.timer_due = None
+            return
         self._share_window(conv, bool(kcp.nsnd_buf or kcp.snd_queue) and not conv.closed)
         if conv.closed or not (kcp.nsnd_buf or kcp.snd_queue or kcp.acklist or kcp.probe):
             conv.timer_due = None
@@ -511,6 +536,9 @@ class Endpoint:
     def register(self, peer: Peer, conv: Conversation) -> None:
         peer.conversations[conv.conv] = conv
         self.stats.opened += 1
+        self.n_conversations += 1
+        if not peer.validated:
+            self.n_unproven += 1
 
     def release(self, conv: Conversation) -> None:
         """Forget a conversation (after an abort or its linger time)."""
@@ -520,6 +548,9 @@ class Endpoint:
         peer = conv.peer
         if peer.conversations.get(conv.conv) is conv:
             del peer.conversations[conv.conv]
+            self.n_conversations -= 1
+            if not peer.validated:
+                self.n_unproven -= 1
             self.log_close(conv)
         if not peer.conversations and self.peers.get(peer.addr) is peer:
             self.forget_peer(peer)

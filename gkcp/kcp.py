@@ -237,7 +237,7 @@ class KCP:
         frg, data = popleft()
         if frg:
             parts = [data]
-            while frg:
+            while frg and queue:  # a hostile peer may never send frg 0
                 frg, data = popleft()
                 parts.append(data)
             data = b"".join(parts)

@@ -123,18 +123,20 @@ class LocalEndpoint(Endpoint):
         return True
 
     def _hello(self, peer: Peer, opened: int) -> None:
-        """PING a server we start talking to until it answers (PONG or challenge).
+        """PING a server we start talking to until it answers with a PONG.
 
-        This is what lets a server validate our address even when its first
-        challenge, or our answer, was lost and we have nothing else to send.
+        A server answers with a PONG only once it has validated our address
+        (before that, with a challenge we answer): this is what gets us
+        validated even when challenges or our answers are lost and we have
+        nothing else to send.
         """
         for delay_s in HELLO_BACKOFF_S:
             if not peer.conversations:
                 return
             now = now_ms()
-            if peer.last_control_ms is not None and \
-                    elapsed_ms(now, peer.last_control_ms) <= elapsed_ms(now, opened):
-                return  # heard from it since we opened
+            if peer.last_pong_ms is not None and \
+                    elapsed_ms(now, peer.last_pong_ms) <= elapsed_ms(now, opened):
+                return  # a PONG since we opened: the server knows our address
             peer.last_ping_ms = now
             peer.control(0, Control.PING, extra=self.instance)
             gevent.sleep(delay_s)

@@ -21,6 +21,7 @@ from gevent import socket as gsocket
 
 from .conversation import Conversation
 from .endpoint import Address, Endpoint, Peer, UdpTransport, elapsed_ms, udp_socket
+from .kcp import OVERHEAD
 from .options import Options
 from .protocol import (
     OPEN_LEN,
@@ -52,7 +53,7 @@ class ServerEndpoint(Endpoint):
         super().__init__(options, limits)
         self.listen_addrs = list(listen)
         self.target = target
-        self.half_open = 0
+        self._target_infos: Optional[List[Tuple]] = None
 
     def start(self) -> None:
         """Bind the UDP socket(s); raises OSError (e.g. EADDRINUSE) at once."""
@@ -91,17 +92,19 @@ class ServerEndpoint(Endpoint):
 
     def _admit(self, transport: UdpTransport, data: bytes, addr: Address,
                peer: Optional[Peer], now: int) -> None:
-        if not self._room_for(peer):
+        instance = parse_greeting(data[OVERHEAD:OVERHEAD + OPEN_LEN], OPEN_LEN)
+        unproven = peer is None or not peer.validated
+        if (unproven and self.n_unproven >= self.limits.half_open) \
+                or (peer is not None and unproven and peer.instance is not None
+                    and instance != peer.instance) \
+                or not self._room_for(peer):
+            # (an unproven address may not claim a restart: that would let
+            # forged openers free their own slots)
             self.stats.refused += 1
             return
-        limits = self.limits
         if peer is None:
-            if self.half_open >= limits.half_open:
-                self.stats.refused += 1
-                return
             peer = Peer(self, transport, addr, validated=False, now=now)
             self.peers[addr] = peer
-            self.half_open += 1
         if not peer.validated:
             peer.received(len(data))
         conv = Conversation(self, peer, int.from_bytes(data[:4], "little"), now)
@@ -110,8 +113,9 @@ class ServerEndpoint(Endpoint):
         kcp.current = now
         kcp.input(data)
         conv.latest_peer_ts = push_ts(data)
-        conv.peer_instance = parse_greeting(kcp.recv() or b"", OPEN_LEN)
-        self.note_instance(peer, conv.peer_instance or 0)
+        kcp.recv()  # the OPEN message, checked by is_opener
+        conv.peer_instance = instance
+        self.note_instance(peer, instance or 0)
         self.mark_dirty(conv)
         if not peer.validated:
             self.unvalidated(peer, conv.conv, now)
@@ -134,9 +138,11 @@ class ServerEndpoint(Endpoint):
         if peer.challenge_ms is not None and \
                 elapsed_ms(now, peer.challenge_ms) < CHALLENGE_EVERY_MS:
             return
-        peer.challenge_ms = now
-        peer.challenges.append(now)
-        peer.output(encode_control(conv, Control.PING, now, 0, self.instance))
+        # ahead of held output (which may be what the peer cannot pay for),
+        # and remembered only if it really went out
+        if peer.send_ahead(encode_control(conv, Control.PING, now, 0, self.instance)):
+            peer.challenge_ms = now
+            peer.challenges.append(now)
 
     def _room_for(self, peer: Optional[Peer]) -> bool:
         """Is there room for one more conversation (from `peer`)?
@@ -145,7 +151,7 @@ class ServerEndpoint(Endpoint):
         slot only until it is needed: then the oldest one makes room.
         """
         limits = self.limits
-        total = sum(len(p.conversations) for p in self.peers.values())
+        total = self.n_conversations
         mine = len(peer.conversations) if peer is not None else 0
         while total >= limits.sessions or mine >= limits.per_peer:
             if total >= limits.sessions:
@@ -160,19 +166,13 @@ class ServerEndpoint(Endpoint):
                 mine -= 1
         return True
 
-    def on_control(self, peer: Peer, message: ControlDatagram, now: int) -> None:
-        was_validated = peer.validated
-        super().on_control(peer, message, now)
-        if peer.validated and not was_validated:
-            self.half_open -= 1
-
     def forget_peer(self, peer: Peer) -> None:
         del self.peers[peer.addr]
-        if not peer.validated:
-            self.half_open -= 1
 
     # -- one conversation -----------------------------------------------------------
     def _serve(self, conv: Conversation) -> None:
+        if conv.closed:
+            return
         try:
             sock = self._connect()
         except OSError as exc:
@@ -192,7 +192,10 @@ class ServerEndpoint(Endpoint):
     def _connect(self) -> socket.socket:
         host, port = self.target[0], self.target[1]
         timeout = self.timeouts.connect_s
-        infos = gsocket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        infos = self._target_infos
+        if infos is None:  # resolved once; a failed lookup is tried again next time
+            infos = self._target_infos = gsocket.getaddrinfo(host, port, 0,
+                                                              socket.SOCK_STREAM)
         last: Optional[OSError] = None
         for family, kind, proto, _, sockaddr in infos:
             sock = gsocket.socket(family, kind, proto)
