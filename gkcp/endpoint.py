@@ -263,6 +263,7 @@ class Endpoint:
         self.seal_overhead = CRYPTO_OVERHEAD if options.key else 0
         self.kcp_mtu = options.mtu - self.seal_overhead
         self.transports: List[UdpTransport] = []
+        self._readers: List[gevent.Greenlet] = []
         self.peers: Dict[Address, Peer] = {}
         self.group = Group()
         self.lingering: Dict[Conversation, int] = {}
@@ -291,7 +292,7 @@ class Endpoint:
 
     def add_transport(self, transport: UdpTransport) -> None:
         self.transports.append(transport)
-        self.group.spawn(transport.read_forever)
+        self._readers.append(self.group.spawn(transport.read_forever))
 
     def conversations(self) -> List[Conversation]:
         return [c for p in self.peers.values() for c in p.conversations.values()]
@@ -301,7 +302,9 @@ class Endpoint:
         for conv in self.conversations():
             conv.abort(Reason.SHUTDOWN)
         self._flush_dirty()
-        # readers first: closing a socket a greenlet waits on upsets libev
+        # readers first, for certain: closing a socket a greenlet waits on
+        # aborts libev; then the rest (which may be many) as far as 2 s allow
+        gevent.killall(self._readers, block=True)
         self.group.kill(block=True, timeout=2)
         for transport in self.transports:
             transport.close()
