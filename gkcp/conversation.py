@@ -101,10 +101,6 @@ class Conversation:
             if not waiting:
                 self.drained.set()
 
-    def finished(self) -> bool:
-        """Both directions closed cleanly and everything we sent is acknowledged."""
-        return self.fin_sent and self.fin_received and self.kcp.waitsnd() == 0
-
     # -- greenlets --------------------------------------------------------------------
     def upload(self, sock: socket.socket) -> None:
         """TCP -> KCP until EOF (then FIN) or an error (then abort)."""

@@ -44,7 +44,7 @@ from gevent.socket import wait_read
 from .conversation import Conversation
 from .crypto import OVERHEAD as CRYPTO_OVERHEAD
 from .crypto import Sealer, derive_key
-from .kcp import MASK
+from .kcp import CMD_PUSH, MASK
 from .options import Options
 from .protocol import (
     CONTROL_LEN,
@@ -267,7 +267,7 @@ class Endpoint:
         self.peers: Dict[Address, Peer] = {}
         self.group = Group()
         self.lingering: Dict[Conversation, int] = {}
-        self._dirty: List[Conversation] = []
+        self._dirty: Dict[Conversation, None] = {}  # an ordered set
         self._busy: Set[Conversation] = set()
         self.n_conversations = 0
         self.n_unproven = 0  # conversations of peers that have not proved their address
@@ -338,7 +338,7 @@ class Endpoint:
             if kcp.input(data) < 0:
                 stats.invalid += 1
                 return
-            if data[4] == 81:  # first segment is a PUSH: remember the peer's clock
+            if data[4] == CMD_PUSH:  # first segment is a PUSH: remember the peer's clock
                 conv.latest_peer_ts = int.from_bytes(data[8:12], "little")
             conv.on_input()
             self.mark_dirty(conv)
@@ -454,23 +454,20 @@ class Endpoint:
     def mark_dirty(self, conv: Conversation) -> None:
         if not self._dirty:
             self._loop.run_callback(self._flush_dirty)
-        self._dirty.append(conv)
+        self._dirty[conv] = None
 
     def _flush_dirty(self) -> None:
-        dirty, self._dirty = self._dirty, []
+        dirty, self._dirty = self._dirty, {}
         if not dirty:
             return
         now = now_ms()
-        seen = set()
+        # (a flush moves segments from queue to buffer: waitsnd() and the
+        # receive queue stay as they were, so nobody needs waking here)
         for conv in dirty:
-            if conv in seen:
-                continue
-            seen.add(conv)
             kcp = conv.kcp
             kcp.current = now
             kcp.snd_wnd = self._snd_wnd
             kcp.flush()
-            conv.on_input()
             self._schedule(conv, now)
 
     def _flush_one(self, conv: Conversation) -> None:
@@ -527,7 +524,6 @@ class Endpoint:
                 conv.timer_due = None
                 conv.kcp.snd_wnd = self._snd_wnd
                 conv.kcp.update(wall)
-                conv.on_input()
                 self._schedule(conv, wall)
             self._timer_wake.clear()
             if heap:
