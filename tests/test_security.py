@@ -57,10 +57,17 @@ def deadline(seconds, what):
     return gevent.Timeout(seconds, AssertionError(f"{what}: not done within {seconds}s"))
 
 
-def fuzz_settings(max_examples):
-    """A short hypothesis run: no deadline (gevent, a noisy machine), no example
-    database, and reproducible in CI (derandomized); locally each run explores anew."""
-    return settings(max_examples=max_examples, deadline=None, database=None,
+#: Examples per fuzz test: 300 (CI), or GKCP_FUZZ_EXAMPLES for a long run
+#: (docs/SECURITY.md has the command); the fuzz tests' timeout grows with it.
+FUZZ_EXAMPLES = int(os.environ.get("GKCP_FUZZ_EXAMPLES") or 300)
+FUZZ_TIMEOUT_S = 120 * max(1, -(-FUZZ_EXAMPLES // 300))
+
+
+def fuzz_settings():
+    """A hypothesis run of FUZZ_EXAMPLES: no deadline (gevent, a noisy machine), no
+    example database, and reproducible in CI (derandomized); locally each run
+    explores anew."""
+    return settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
                     derandomize=CI, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
@@ -231,16 +238,18 @@ def fuzz_kcp():
     return kcp, out
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(FUZZ_TIMEOUT_S)
 def test_fuzz_kcp_input_never_raises():
     """KCP.input returns 0, -1, -2 or -3 for any bytes, and the engine stays usable
     and bounded (receive buffers within the window)."""
     codes = {}
+    examples = [0]
 
-    @fuzz_settings(300)
+    @fuzz_settings()
     @given(datagrams=st.lists(HOSTILE_DATAGRAMS, min_size=1, max_size=4),
            later_ms=st.integers(0, 200_000))
     def run(datagrams, later_ms):
+        examples[0] += 1
         kcp, _out = fuzz_kcp()
         for datagram in datagrams:
             kcp.current = 1000
@@ -255,11 +264,11 @@ def test_fuzz_kcp_input_never_raises():
         assert 0 <= kcp.nsnd_buf <= len(kcp.snd_buf)
 
     run()
-    print(f"\nKCP.input return codes over the fuzz run: {codes}")
+    print(f"\n{examples[0]} examples; KCP.input return codes over the fuzz run: {codes}")
     assert set(codes) >= {0, -1}, "the fuzzer never got past the first checks"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(FUZZ_TIMEOUT_S)
 def test_fuzz_kcp_recv_after_hostile_input_never_raises():
     """After any input, peeksize/recv never raise (ikcp stops at the end of the queue).
 
@@ -268,10 +277,13 @@ def test_fuzz_kcp_recv_after_hostile_input_never_raises():
     whose fragments never reach frg 0 must not make recv() raise in the
     download greenlet.
     """
-    @fuzz_settings(300)
+    examples = [0]
+
+    @fuzz_settings()
     @given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7), st.binary(max_size=3)),
                     min_size=1, max_size=10))
     def run(segments):
+        examples[0] += 1
         kcp, _out = fuzz_kcp()
         datagram = b"".join(segment(FUZZ_CONV, sn=sn, frg=frg, ts=995, data=data)
                             for sn, frg, data in segments)
@@ -282,6 +294,7 @@ def test_fuzz_kcp_recv_after_hostile_input_never_raises():
                 break
 
     run()
+    print(f"\n{examples[0]} examples")
 
 
 def test_hostile_fragments_do_not_wedge_a_server_conversation(targets, tunnels, closers,
@@ -367,7 +380,7 @@ def mutated(draw, corpus):
     return bytes(data)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(FUZZ_TIMEOUT_S)
 def test_fuzz_endpoint_datagram_handlers(targets, tunnels, clients, monkeypatch, hub_errors):
     """Endpoint.on_datagram of a running server and client, fed arbitrary bytes,
     forged openers and mutated real datagrams: never raises, no greenlet dies,
@@ -400,7 +413,7 @@ def test_fuzz_endpoint_datagram_handlers(targets, tunnels, clients, monkeypatch,
     assert wait_until(lambda: local.conversations(), 5)
     server_transport, local_transport = server.transports[0], local.transports[0]
     server_addr = local_transport.remote
-    stats = {"server": 0, "local": 0}
+    stats = {"server": 0, "local": 0, "examples": 0}
 
     shot = st.tuples(
         st.sampled_from(["server", "local"]),
@@ -427,9 +440,10 @@ def test_fuzz_endpoint_datagram_handlers(targets, tunnels, clients, monkeypatch,
         assert all(len(p.conversations) <= FUZZ_LIMITS.per_peer for p in server.peers.values())
         assert len(local.peers) == 1 and len(local.conversations()) == 1
 
-    @fuzz_settings(300)
+    @fuzz_settings()
     @given(st.lists(shot, min_size=1, max_size=6))
     def run(shots):
+        stats["examples"] += 1
         for which, addr, data, aim in shots:
             if which == "server":
                 peer = server.peers.get(addr)
@@ -457,8 +471,9 @@ def test_fuzz_endpoint_datagram_handlers(targets, tunnels, clients, monkeypatch,
         if i % 16 == 0:
             gevent.sleep(0)
     sent = streamer.finish(30)
-    print(f"\nfuzzed endpoints: {stats['server']} datagrams to the server, {stats['local']} "
-          f"to the client; server state after: {len(server.peers)} addresses, "
+    print(f"\nfuzzed endpoints: {stats['examples']} examples, {stats['server']} datagrams "
+          f"to the server, {stats['local']} to the client; server state after: "
+          f"{len(server.peers)} addresses, "
           f"{len(server.conversations())} conversations, {server.stats.opened} opened, "
           f"{server.stats.refused} refused, {server.stats.invalid} invalid; live transfer "
           f"{sent} bytes intact")
