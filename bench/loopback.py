@@ -1,13 +1,14 @@
-"""Loopback bulk throughput: gkcp vs kcptun vs plain TCP (CUBIC, BBR), iperf3.
+"""Loopback bulk throughput: gkcp (plain and key mode) vs kcptun vs plain TCP, iperf3.
 
     iperf3 -c --TCP--> tunnel client ==KCP/UDP 127.0.0.1==> tunnel server --TCP--> iperf3 -s
 
 Both tunnels run at equal KCP settings (mode fast2, sndwnd/rcvwnd 1024,
-mtu 1350; kcptun with --crypt none --nocomp and no FEC).  Each
-implementation runs `--reps` iperf3 tests of `--seconds` (upload through
-the tunnel); the table shows the median Mbit/s, the ratio to kcptun's
-median, and the CPU the tunnel's two processes used meanwhile (% of one
-core, median).
+mtu 1350; kcptun with --crypt none --nocomp and no FEC); "gkcp key" adds
+`key=...` (ChaCha20-Poly1305 on every datagram) to show what key mode
+costs.  Each implementation runs `--reps` iperf3 tests of `--seconds`
+(upload through the tunnel); the table shows the median Mbit/s, the
+ratio to kcptun's median, and the CPU the tunnel's two processes used
+meanwhile (% of one core, median).
 
     python bench/loopback.py [--quick] [--reps 3] [--seconds 8] [--json FILE]
 """
@@ -51,6 +52,7 @@ PART = "loopback"
 
 def impls() -> List[Impl]:
     return [Impl("gkcp fast2", "gkcp", gkcp_options()),
+            Impl("gkcp key", "gkcp", gkcp_options("key=gkcp-bench-loopback")),
             Impl("kcptun fast2", "kcptun"),
             Impl("tcp cubic", "tcp", cc="cubic"),
             Impl("tcp bbr", "tcp", cc="bbr")]
