@@ -17,6 +17,10 @@ and, per peer, its `Conversation`s keyed by conv.
   Idle conversations have no timer at all.
 * Housekeeping: once a second, keepalive, dead peers, stall and idle
   timeouts, lingering conversations.
+* Pacing (option ratelimit, gkcp/pacing.py): a validated peer's datagrams
+  go through its `Pacer`; what must wait leaves from a libev timer
+  callback.  The peer's window cap follows the rate and the smallest round
+  trip seen (PONGs, KCP's srtt).
 
 KCP calls never yield (sends are non-blocking; a full socket buffer drops
 the datagram like the network would), so no other greenlet can see a
@@ -44,8 +48,9 @@ from gevent.socket import wait_read
 from .conversation import Conversation
 from .crypto import OVERHEAD as CRYPTO_OVERHEAD
 from .crypto import Sealer, derive_key
-from .kcp import CMD_PUSH, MASK
+from .kcp import CMD_PUSH, KCP, MASK
 from .options import Options
+from .pacing import DROPPED, IP_UDP_OVERHEAD, SEND, Pacer, paced_window
 from .protocol import (
     CONTROL_LEN,
     FLAG_ECHO,
@@ -105,6 +110,7 @@ class Stats:
     send_dropped: int = 0  # socket buffer full or send error
     rst_sent: int = 0
     rst_received: int = 0
+    pace_dropped: int = 0  # the pacer's queue was full (also in send_dropped)
     opened: int = 0
     refused: int = 0  # openers dropped at a limit
 
@@ -191,6 +197,18 @@ class Peer:
         self.budget = 0
         self.held: Deque[bytes] = deque()
         self.held_bytes = 0
+        # pacing (ratelimit): the pacer, its pending timer, the window cap
+        self.rtt_min_ms: Optional[int] = None  # smallest round trip seen
+        self.wnd_cap: Optional[int] = None  # segments in flight per conversation
+        self.pacer: Optional[Pacer] = None
+        self._pace_timer = None
+        self.starved: Dict[Conversation, None] = {}  # waiting for tokens to send new data
+        rate = endpoint.options.ratelimit
+        if rate:
+            self.ip_overhead = IP_UDP_OVERHEAD[6 if ":" in str(addr[0]) else 4]
+            self.segment = endpoint.options.mtu + self.ip_overhead  # a full datagram, wire
+            self.pacer = Pacer(rate, self.ip_overhead + endpoint.seal_overhead,
+                               time.monotonic())
 
     def __repr__(self) -> str:
         return f"<Peer {self.addr} {len(self.conversations)} conversations>"
@@ -198,7 +216,10 @@ class Peer:
     def output(self, datagram: bytes) -> None:
         """Send a datagram to this peer (the KCP output callback)."""
         if self.validated:
-            self.transport.send(datagram, self.addr)
+            if self.pacer is None:
+                self.transport.send(datagram, self.addr)
+            else:
+                self._paced(datagram)
             return
         size = len(datagram) + self.endpoint.seal_overhead  # bytes on the wire
         if not self.held and size <= self.budget:
@@ -209,6 +230,74 @@ class Peer:
             self.held_bytes += size
         else:
             self.endpoint.stats.send_dropped += 1
+
+    def _paced(self, datagram: bytes) -> None:
+        verdict = self.pacer.submit(datagram, time.monotonic())  # type: ignore[union-attr]
+        if verdict == SEND:
+            self.transport.send(datagram, self.addr)
+        elif verdict == DROPPED:
+            stats = self.endpoint.stats
+            stats.send_dropped += 1
+            stats.pace_dropped += 1
+        elif self._pace_timer is None:
+            self._arm_pacer()
+
+    def allowance(self) -> int:
+        """Full-size datagrams the pacer would send at once now."""
+        return int(self.pacer.available(time.monotonic()) // self.segment)  # type: ignore
+
+    def starve(self, conv: Conversation) -> None:
+        """`conv` has more to send than the tokens allow: flush it when they do."""
+        self.starved[conv] = None
+        if self._pace_timer is None:
+            self._arm_pacer()
+
+    def _arm_pacer(self) -> None:
+        pacer = self.pacer
+        delay = pacer.delay()  # type: ignore[union-attr]
+        if delay is None:
+            if not self.starved:
+                return
+            delay = pacer.wait_for(2 * self.segment)  # type: ignore[union-attr]
+        self._pace_timer = timer = self.endpoint.loop.timer(max(delay, 0.0002))
+        timer.start(self._drain_pacer)
+
+    def _drain_pacer(self) -> None:
+        timer, self._pace_timer = self._pace_timer, None
+        if timer is not None:
+            timer.close()
+        send, addr = self.transport.send, self.addr
+        for datagram in self.pacer.release(time.monotonic()):  # type: ignore[union-attr]
+            send(datagram, addr)
+        if self.starved and not self.pacer.queued:  # type: ignore[union-attr]
+            starved, self.starved = self.starved, {}
+            mark_dirty = self.endpoint.mark_dirty
+            for conv in starved:
+                if not conv.closed:
+                    mark_dirty(conv)
+        else:
+            self._arm_pacer()
+
+    def stop_pacing(self) -> None:
+        if self._pace_timer is not None:
+            self._pace_timer.close()
+            self._pace_timer = None
+        if self.pacer is not None:
+            self.pacer.clear()
+        self.starved.clear()
+
+    def note_rtt(self, rtt_ms: int) -> None:
+        """A round-trip sample: the window cap follows the smallest."""
+        if self.pacer is not None and 0 <= rtt_ms < 60000 and \
+                (self.rtt_min_ms is None or rtt_ms < self.rtt_min_ms):
+            self.rtt_min_ms = rtt_ms
+            self.update_window()
+
+    def update_window(self) -> None:
+        if self.pacer is not None:
+            endpoint = self.endpoint
+            self.wnd_cap = paced_window(endpoint.options.ratelimit, self.rtt_min_ms,
+                                        self.segment)
 
     def received(self, size: int) -> None:
         """Account for a datagram of `size` plain bytes from this (unvalidated) peer."""
@@ -275,7 +364,7 @@ class Endpoint:
         self._heap: List[Tuple[int, int, Conversation]] = []
         self._heap_seq = 0
         self._timer_wake = Event()
-        self._loop = gevent.get_hub().loop
+        self.loop = gevent.get_hub().loop
         self._rst_tokens = float(RST_PER_SECOND)
         self._rst_refill_s = time.monotonic()
         self.now_ms = now_ms
@@ -306,6 +395,8 @@ class Endpoint:
         # aborts libev; then the rest (which may be many) as far as 2 s allow
         gevent.killall(self._readers, block=True)
         self.group.kill(block=True, timeout=2)
+        for peer in self.peers.values():
+            peer.stop_pacing()
         for transport in self.transports:
             transport.close()
         self.stopped.set()
@@ -380,6 +471,7 @@ class Endpoint:
             return
         if cmd is Control.PONG:
             peer.last_pong_ms = now
+            peer.note_rtt(elapsed_ms(now, message.echo))
         self.note_instance(peer, message.extra)
         if cmd is Control.PING:
             self.answer_ping(peer, message, now)
@@ -453,7 +545,7 @@ class Endpoint:
     # -- flushing and timers -------------------------------------------------------
     def mark_dirty(self, conv: Conversation) -> None:
         if not self._dirty:
-            self._loop.run_callback(self._flush_dirty)
+            self.loop.run_callback(self._flush_dirty)
         self._dirty[conv] = None
 
     def _flush_dirty(self) -> None:
@@ -466,9 +558,27 @@ class Endpoint:
         for conv in dirty:
             kcp = conv.kcp
             kcp.current = now
-            kcp.snd_wnd = self._snd_wnd
+            kcp.snd_wnd = self._window(conv, kcp)
             kcp.flush()
             self._schedule(conv, now)
+
+    def _window(self, conv: Conversation, kcp: KCP) -> int:
+        """The send window for this flush: the conversation's share of the
+        endpoint's budget, within its peer's paced cap; when pacing, also no
+        more new segments than the pacer can send at once, so that KCP
+        stamps a segment's send time when it really leaves."""
+        peer = conv.peer
+        cap = peer.wnd_cap
+        wnd = self._snd_wnd if cap is None or cap > self._snd_wnd else cap
+        if peer.pacer is not None and kcp.snd_queue:
+            in_flight = (kcp.snd_nxt - kcp.snd_una) & MASK
+            room = wnd - in_flight
+            if room > 0:
+                n = peer.allowance()
+                if n < room and n < len(kcp.snd_queue):
+                    peer.starve(conv)  # flushed again when the tokens are there
+                    wnd = in_flight + n
+        return wnd
 
     def _flush_one(self, conv: Conversation) -> None:
         conv.kcp.current = now_ms()
@@ -522,7 +632,7 @@ class Endpoint:
                 if conv.timer_due != key or conv.closed:
                     continue  # superseded by an earlier entry, or gone
                 conv.timer_due = None
-                conv.kcp.snd_wnd = self._snd_wnd
+                conv.kcp.snd_wnd = self._window(conv, conv.kcp)
                 conv.kcp.update(wall)
                 self._schedule(conv, wall)
             self._timer_wake.clear()
@@ -593,6 +703,8 @@ class Endpoint:
                 if conv.closed or conv in self.lingering:
                     continue
                 kcp = conv.kcp
+                if kcp.rx_srtt and peer.pacer is not None:
+                    peer.note_rtt(kcp.rx_srtt)
                 if kcp.snd_una != conv.last_una or not kcp.nsnd_buf:
                     conv.last_una = kcp.snd_una
                     conv.last_una_ms = now

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import unquote
 
+from .pacing import parse_rate
 from .protocol import Timeouts
 
 
@@ -53,6 +54,7 @@ class Options:
     mtu: int = 1350
     sndwnd: int = 1024
     rcvwnd: int = 1024
+    ratelimit: float = 0.0  # bits/s of IP packets each peer may be sent; 0: no pacing
     timeouts: Timeouts = field(default_factory=Timeouts)
     server: bool = False
     verbose: int = 0
@@ -176,6 +178,21 @@ def _text(key: str, value: Optional[str]) -> str:
     return value
 
 
+RATE_MIN, RATE_MAX = 64e3, 100e9
+
+
+def _rate(key: str, value: Optional[str]) -> float:
+    v = (value or "").strip().lower()
+    if v in ("0", "off", "none", "no", "false"):
+        return 0.0
+    bps = parse_rate(v)
+    if bps is None or not RATE_MIN <= bps <= RATE_MAX:
+        raise OptionError(f"option {key}={value!r}: expected a rate in bits per second from "
+                          f"64k to 100G, e.g. 50M, 800k or 1.5G (k, M, G = 10^3, 10^6, 10^9), "
+                          f"or 0/off for no pacing")
+    return bps
+
+
 def _mode(key: str, value: Optional[str]) -> str:
     v = (value or "").strip().lower()
     if v not in MODES:
@@ -192,6 +209,7 @@ _PARSERS: Dict[str, Callable[[str, Optional[str]], object]] = {
     "mtu": _int_range(50, 65000),
     "sndwnd": _int_range(1, 65535),
     "rcvwnd": _int_range(1, 65535),
+    "ratelimit": _rate,
     "server": _bool,
     "verbose": _int_range(0, 2),
     "key": _text,

@@ -43,9 +43,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import gevent
 import pytest
@@ -364,6 +364,9 @@ class Link:
         self.duplicate = 0.0
         self.max_delay_s = 0.0
         self.muted: set = set()  # endpoints whose datagrams all vanish
+        self.rate_bps = 0.0  # a bottleneck per sending endpoint (0: none) ...
+        self.queue_limit = 0  # ... with a drop-tail queue of this many packets
+        self._departures: Dict[object, Deque[float]] = {}
         self.drop_if: Optional[Callable[[UdpTransport, bytes], bool]] = None
         self.counts: Counter = Counter()
         self._timers: set = set()
@@ -374,6 +377,25 @@ class Link:
         self.rng = random.Random(seed)
         self.loss, self.reorder, self.duplicate = loss, reorder, duplicate
         self.max_delay_s = max_delay_s
+
+    def bottleneck(self, rate_bps: float, queue: int) -> None:
+        """Each sender's datagrams leave one at a time at `rate_bps` (IP bytes);
+        at most `queue` wait, the rest are dropped (counted as queue_drops)."""
+        self.rate_bps, self.queue_limit = rate_bps, queue
+
+    def _through_bottleneck(self, transport: UdpTransport, datagram: bytes, addr) -> None:
+        now = time.monotonic()
+        departures = self._departures.setdefault(transport.endpoint, deque())
+        while departures and departures[0] <= now:
+            departures.popleft()
+        if len(departures) >= self.queue_limit:
+            self.counts["queue_drops"] += 1
+            return
+        self.counts["through_bottleneck"] += 1
+        start = departures[-1] if departures else now
+        leaves = start + (len(datagram) + 28) * 8 / self.rate_bps
+        departures.append(leaves)
+        self._later(leaves - now, transport, datagram, addr)
 
     def mute(self, endpoint: Endpoint) -> None:
         self.muted.add(endpoint)
@@ -390,7 +412,9 @@ class Link:
         copies = 2 if self.duplicate and rng.random() < self.duplicate else 1
         counts["duplicated"] += copies - 1
         for _ in range(copies):
-            if self.reorder and rng.random() < self.reorder:
+            if self.rate_bps:
+                self._through_bottleneck(transport, datagram, addr)
+            elif self.reorder and rng.random() < self.reorder:
                 counts["delayed"] += 1
                 self._later(rng.uniform(0.001, self.max_delay_s), transport, datagram, addr)
             else:

@@ -1,0 +1,155 @@
+"""Pacing (option ratelimit): the token bucket alone, then the tunnel
+through a user-space bottleneck.
+
+The bottleneck (tunnel_helpers.Link.bottleneck) forwards each sender's
+datagrams one at a time at a fixed rate and drops what overflows a short
+drop-tail queue, like a slow router.  Unpaced KCP (nc=1) bursts whole
+windows into it and loses many; paced at the bottleneck's rate it loses
+(almost) none, and the bytes arrive intact either way.
+"""
+
+# ruff: noqa: E402  (tunnel_helpers is imported before everything else)
+import pytest
+
+pytest.register_assert_rewrite("tunnel_helpers")
+
+import tunnel_helpers  # noqa: F401,I001  (first: gevent patches the stdlib on import)
+
+import gevent
+
+from gkcp.options import OptionError, parse_options
+from gkcp.pacing import DROPPED, QUEUED, SEND, SMALL, Pacer, paced_window, parse_rate
+from tunnel_helpers import recv_to_eof, send_random
+
+pytest_plugins = ["tunnel_helpers"]
+
+MBIT = 1e6
+
+
+# -- the token bucket ------------------------------------------------------------------
+
+def drain(pacer, start, stop, step):
+    """Call release every `step` seconds from start to stop; all datagrams released."""
+    out = []
+    t = start
+    while t <= stop + 1e-9:
+        out.extend(pacer.release(t))
+        t += step
+    return out
+
+
+def test_burst_then_queue_in_order():
+    pacer = Pacer(8 * MBIT, 28, now=0.0)  # 1 MB/s, 6 KB burst
+    datagrams = [bytes([i]) * 1000 for i in range(50)]
+    verdicts = [pacer.submit(d, 0.0) for d in datagrams]
+    sent_now = verdicts.count(SEND)
+    assert verdicts[:sent_now] == [SEND] * sent_now
+    assert verdicts[sent_now:] == [QUEUED] * (50 - sent_now)
+    assert 1 <= sent_now <= 6  # the burst: BURST_MIN bytes, 1028 each
+    released = drain(pacer, 0.0, 0.1, 0.001)
+    assert released == datagrams[sent_now:]  # every one, in order
+    assert pacer.delay() is None and not pacer.queued
+
+
+@pytest.mark.parametrize("rate_mbit", [1, 10, 100])
+def test_rate_is_kept_over_time(rate_mbit):
+    rate = rate_mbit * MBIT
+    pacer = Pacer(rate, 28, now=0.0)
+    size, t, sent_bytes, step = 1350, 0.0, 0, 0.001
+    for _ in range(2000):  # offer far more than the rate allows, 1 ms apart
+        for _ in range(20):
+            if pacer.submit(b"x" * size, t) == SEND:
+                sent_bytes += size + 28
+        sent_bytes += sum(len(d) + 28 for d in pacer.release(t))
+        t += step
+    allowed = rate / 8 * t + pacer.depth
+    assert sent_bytes <= allowed
+    assert sent_bytes >= 0.95 * rate / 8 * t  # and the rate is used
+
+
+def test_small_datagrams_go_ahead_of_full_ones():
+    pacer = Pacer(1 * MBIT, 28, now=0.0)
+    for _ in range(20):
+        pacer.submit(b"d" * 1350, 0.0)
+    ack = b"a" * 40
+    assert len(ack) + 28 <= SMALL
+    assert pacer.submit(ack, 0.0) == QUEUED
+    first = []
+    t = 0.0
+    while not first:
+        t += 0.001
+        first = pacer.release(t)
+    assert first[0] == ack
+
+
+def test_queue_is_bounded():
+    pacer = Pacer(1 * MBIT, 28, now=0.0)
+    verdicts = [pacer.submit(b"x" * 1350, 0.0) for _ in range(1000)]
+    assert DROPPED in verdicts
+    assert pacer.queued <= pacer.limit
+
+
+def test_paced_window():
+    # 50 Mbit/s x 40 ms = 250 KB = 182 datagrams of 1378 B; the cap is a few of those
+    cap = paced_window(50 * MBIT, 40, 1378)
+    assert 182 * 3 <= cap <= 182 * 8
+    assert paced_window(50 * MBIT, None, 1378) is None  # no round trip seen yet
+    assert paced_window(64e3, 1, 1378) >= 8  # never below what fast retransmit needs
+
+
+@pytest.mark.parametrize("text, bps", [("50M", 50e6), ("2.5mbit", 2.5e6), ("800kbps", 8e5),
+                                       ("1G", 1e9), ("100000", 1e5), ("20Mbit/s", 20e6)])
+def test_parse_rate(text, bps):
+    assert parse_rate(text) == bps
+    assert parse_options(f"ratelimit={text}")[0].ratelimit == bps
+
+
+@pytest.mark.parametrize("text", ["fast", "50MB", "-5M", "10k", "1T", ""])
+def test_bad_ratelimit_is_named(text):
+    with pytest.raises(OptionError, match=r"ratelimit=.*bits per second"):
+        parse_options(f"ratelimit={text}")
+
+
+def test_ratelimit_off_by_default():
+    assert parse_options("")[0].ratelimit == 0
+    assert parse_options("ratelimit=off")[0].ratelimit == 0
+
+
+# -- the tunnel through a bottleneck ----------------------------------------------------
+
+SIZE = 1024 * 1024
+RATE = 8 * MBIT
+QUEUE = 30
+
+
+def download_through_bottleneck(targets, tunnels, clients, link, options_text):
+    """SIZE bytes target -> client across an 8 Mbit/s bottleneck; returns the link counts."""
+    link.bottleneck(RATE, QUEUE)
+    sent = gevent.event.AsyncResult()
+
+    def handler(sock, _addr):
+        sent.set(send_random(sock, 77, SIZE))
+        recv_to_eof(sock)
+
+    opts = tunnel_helpers.fast_options(text=options_text)
+    tunnel = tunnels(targets.start(handler), opts)
+    sock = clients.connect(tunnel.address)
+    with gevent.Timeout(60, AssertionError("download through the bottleneck: no end in 60 s")):
+        received, digest = recv_to_eof(sock)
+    assert received == SIZE
+    assert digest == sent.get(timeout=5)
+    return dict(link.counts)
+
+
+def test_unpaced_bursts_overflow_the_bottleneck(targets, tunnels, clients, link):
+    """The control case: without ratelimit the bottleneck's queue overflows."""
+    counts = download_through_bottleneck(targets, tunnels, clients, link, "mode=fast2")
+    print(f"\nunpaced: {counts}")
+    assert counts.get("queue_drops", 0) > 0.05 * counts["through_bottleneck"]
+
+
+def test_paced_transfer_keeps_the_queue(targets, tunnels, clients, link):
+    counts = download_through_bottleneck(targets, tunnels, clients, link,
+                                         "mode=fast2;ratelimit=7.6M")
+    print(f"\npaced: {counts}")
+    assert counts.get("queue_drops", 0) <= 0.01 * counts["through_bottleneck"]
