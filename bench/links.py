@@ -21,6 +21,9 @@ For each scenario and implementation:
 * qdrops: packets dropped at the bottleneck queues (both directions);
 * cpu%: the tunnel's two processes, % of one core, during the load phase.
 
+"gkcp fast2 paced" is gkcp fast2 with ratelimit set to the link's rate
+(what a user who knows the path's rate would set).
+
     python bench/links.py [--quick] [--seconds 10] [--idle 8] [--reps 3]
                           [--scenario NAME] [--impl NAME] [--add-gkcp OPTIONS]
                           [--profile DIR] [--python-emulator] [--json FILE]
@@ -29,6 +32,7 @@ For each scenario and implementation:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -82,8 +86,13 @@ SCENARIOS = [
 ]
 
 
+#: in an Impl's options, replaced by the scenario's link rate (e.g. "50M")
+LINK_RATE = "{link_rate}"
+
+
 def impls() -> List[Impl]:
     return [Impl("gkcp fast2", "gkcp", gkcp_options()),
+            Impl("gkcp fast2 paced", "gkcp", gkcp_options(f"ratelimit={LINK_RATE}")),
             Impl("gkcp fast2 nc=0", "gkcp", gkcp_options("nc=0")),
             Impl("kcptun fast2", "kcptun"),
             Impl("kcptun fast2 nc=0", "kcptun", KCPTUN_FAST2_NC0),
@@ -152,6 +161,9 @@ def measure(impl: Impl, scenario: Scenario, *, lab: Lab, emu: Emulator, seconds:
             idle_s: float, index: int, logdir: str, profiler: Profiler) -> Row:
     row = Row(PART, scenario.name, impl.name)
     tun = None
+    if LINK_RATE in impl.options:  # paced at the link's rate (IP bytes, as linkemu counts)
+        impl = dataclasses.replace(
+            impl, options=impl.options.replace(LINK_RATE, f"{scenario.link.rate_mbit:g}M"))
     if impl.tunnel:
         listen = ("127.0.0.1", 1080 + index)
         tun = start_tunnel(impl, server_addr=(SERVER_IP, 29900 + index),
@@ -190,10 +202,12 @@ def measure(impl: Impl, scenario: Scenario, *, lab: Lab, emu: Emulator, seconds:
     row.rtt_load = rtt_pair(load["rtts"])
     row.wire = wire / bulk["bytes"] if bulk["bytes"] else None
     row.qdrops = sum(stats[d]["queue_drops"] for d in ("ab", "ba"))
+    packets = sum(stats[d]["rx_pkts"] for d in ("ab", "ba"))
     notes = [f"{what}: {res['error']}" for what, res in
              (("bulk", bulk), ("idle echo", idle), ("echo", load)) if res.get("error")]
     row.note = "; ".join(notes)
-    row.extra = {"bulk_bytes": bulk["bytes"], "first_byte_s": bulk["first_byte_s"],
+    row.extra = {"qdrop_pct": 100.0 * row.qdrops / packets if packets else None,
+                 "bulk_bytes": bulk["bytes"], "first_byte_s": bulk["first_byte_s"],
                  "echo_samples_idle": len(idle["rtts"]), "echo_samples_load": len(load["rtts"]),
                  "rtt_idle_p90_max": [percentile(idle["rtts"], 90),
                                       max(idle["rtts"], default=None)],
@@ -217,7 +231,9 @@ def merge(rows: List[Row]) -> Row:
         if pairs:
             setattr(out, key, (median([p[0] for p in pairs]), median([p[1] for p in pairs])))
     out.note = "; ".join(r.note for r in rows if r.note)
-    out.extra = {"reps": [r.to_json() for r in rows]}
+    pcts = [r.extra["qdrop_pct"] for r in rows if r.extra.get("qdrop_pct") is not None]
+    out.extra = {"qdrop_pct": median(pcts) if pcts else None,
+                 "reps": [r.to_json() for r in rows]}
     return out
 
 

@@ -112,6 +112,13 @@ def targets(rows: List[Row]) -> List[str]:
                 kr and kr.rtt_load and kr.rtt_load[1], higher_is_better=False, unit="ms")
         verdict(f"{g.scenario}: RTT p99 idle <= kcptun", g.rtt_idle and g.rtt_idle[1],
                 kr and kr.rtt_idle and kr.rtt_idle[1], higher_is_better=False, unit="ms")
+    for g in find(rows, "links", "gkcp fast2 paced"):
+        if "clean" in g.scenario:
+            continue
+        link = float(g.scenario.split("M", 1)[0])
+        bbr = find(rows, "links", "tcp bbr", g.scenario)
+        k = find(rows, "links", "kcptun fast2", g.scenario)
+        paced_checks(out, g, link, bbr[0] if bbr else None, k[0] if k else None)
     for g in find(rows, "idle", "gkcp fast2"):
         k = find(rows, "idle", "kcptun fast2", g.scenario)
         kr = k[0] if k else None
@@ -120,6 +127,37 @@ def targets(rows: List[Row]) -> List[str]:
         verdict("idle RSS per connection <= kcptun", g.rss_conn, kr.rss_conn if kr else None,
                 higher_is_better=False, unit="KiB")
     return out
+
+
+def _num(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def paced_checks(out: List[str], g: Row, link: float, bbr: Optional[Row],
+                 kcptun: Optional[Row]) -> None:
+    """The targets for gkcp paced at the link's rate (ratelimit)."""
+    name = f"{g.scenario}: paced"
+
+    def check(what: str, ok: Optional[bool], shown: str) -> None:
+        out.append(f"{name}: {what}: {shown}: "
+                   + ("not measured" if ok is None else "met" if ok else "NOT met"))
+
+    gp = g.goodput
+    check(">= 0.9x link rate", None if gp is None else gp >= 0.9 * link,
+          "-" if gp is None else f"{gp:.1f} = {gp / link:.2f}x {link:g} Mbit/s")
+    b = bbr.goodput if bbr else None
+    check(">= tcp bbr", None if gp is None or b is None else gp >= b,
+          f"{_num(gp)} vs {_num(b)} Mbit/s")
+    pct = g.extra.get("qdrop_pct")
+    check("bottleneck drops < 5%", None if pct is None else pct < 5,
+          "-" if pct is None else f"{pct:.2f}% of packets")
+    if "1%" in g.scenario:
+        check("wire <= 1.15 B per payload B", None if g.wire is None else g.wire <= 1.15,
+              f"{g.wire}" if g.wire is None else f"{g.wire:.3f}")
+    mine = g.rtt_load[1] if g.rtt_load else None
+    theirs = kcptun.rtt_load[1] if kcptun and kcptun.rtt_load else None
+    check("RTT p99 under load <= kcptun", None if mine is None or theirs is None
+          else mine <= theirs, f"{_num(mine)} vs {_num(theirs)} ms")
 
 
 def run_part(name: str, quick: bool, profile: Optional[str]) -> List[Row]:
