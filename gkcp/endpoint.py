@@ -78,6 +78,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 RST_PER_SECOND = 200
 WINDOW_BUDGET = 4096  # segments in flight per endpoint, shared by busy conversations
 WINDOW_MIN = 32
+CHALLENGE_EVERY_MS = 200  # at most this often a PING that asks a peer to prove itself
 
 
 def udp_socket(family: int) -> socket.socket:
@@ -468,31 +469,59 @@ class Endpoint:
         cmd = message.cmd
         if cmd is Control.RST:
             self._on_rst(peer, message, now)
-            return
-        if cmd is Control.PONG:
+        elif cmd is Control.PING:
+            self.note_instance(peer, message.extra)
+            self.answer_ping(peer, message, now)
+        elif message.echo not in peer.challenges:
+            self.note_instance(peer, message.extra)  # a PONG, but not to our PING
+        else:  # the answer to our PING: the address is proven, and who speaks from it
             peer.last_pong_ms = now
             peer.note_rtt(elapsed_ms(now, message.echo))
-        self.note_instance(peer, message.extra)
-        if cmd is Control.PING:
-            self.answer_ping(peer, message, now)
-        elif cmd is Control.PONG and not peer.validated and message.echo in peer.challenges:
-            self.n_unproven -= len(peer.conversations)
-            peer.validate()
-            for conv in peer.conversations.values():
-                self.mark_dirty(conv)  # and so back on the timer
+            if not peer.validated:
+                self.n_unproven -= len(peer.conversations)
+                peer.validate()
+                for conv in peer.conversations.values():
+                    self.mark_dirty(conv)  # and so back on the timer
+            self.adopt_instance(peer, message.extra)
 
     def answer_ping(self, peer: Peer, message: ControlDatagram, now: int) -> None:
         peer.control(message.conv, Control.PONG, echo=message.ts, extra=self.instance)
 
-    def note_instance(self, peer: Peer, instance: int) -> None:
-        """The peer speaks as `instance`: conversations of an older one are gone."""
-        if peer.instance == instance:
+    def challenge(self, peer: Peer, conv: int, now: int) -> None:
+        """PING `peer`, at most every CHALLENGE_EVERY_MS; the PONG that echoes
+        it proves the address and tells the instance id speaking from it.
+
+        Ahead of held output (which may be what an unproven peer cannot pay
+        for), and remembered only if it really went out.
+        """
+        if peer.challenge_ms is not None and \
+                elapsed_ms(now, peer.challenge_ms) < CHALLENGE_EVERY_MS:
             return
+        if peer.send_ahead(encode_control(conv, Control.PING, now, 0, self.instance)):
+            peer.challenge_ms = now
+            peer.challenges.append(now)
+
+    def note_instance(self, peer: Peer, instance: int) -> None:
+        """The peer claims to speak as `instance` (in a PING, an opener, an ACCEPT).
+
+        The first claim is taken.  A different one is only a claim: anyone
+        who knows the peer's address could send it.  So the address is
+        challenged, and `adopt_instance` acts on the answer.
+        """
+        if peer.instance is None:
+            peer.instance = instance
+        elif instance != peer.instance:
+            self.challenge(peer, 0, now_ms())
+
+    def adopt_instance(self, peer: Peer, instance: int) -> None:
+        """`instance` answered our challenge: conversations of any other are gone
+        (an older incarnation of the peer, or forged)."""
         peer.instance = instance
         stale = [c for c in peer.conversations.values()
                  if c.peer_instance is not None and c.peer_instance != instance]
         if stale:
-            log.info("%s restarted: dropping %d old conversations", peer.addr, len(stale))
+            log.info("%s speaks as instance %08x: dropping %d conversations of another",
+                     peer.addr, instance, len(stale))
         for conv in stale:
             conv.abort(Reason.UNKNOWN_CONV, from_peer=True)
 

@@ -22,7 +22,7 @@ from gevent.server import StreamServer
 from .conversation import Conversation
 from .endpoint import Address, Endpoint, Peer, UdpTransport, elapsed_ms, now_ms, udp_socket
 from .options import Options
-from .protocol import ACCEPT_LEN, Control, Limits, Reason, open_message, parse_greeting, push_ts
+from .protocol import ACCEPT_LEN, Limits, Reason, open_message, parse_greeting, push_ts
 from .sockopts import apply_outbound
 
 log = logging.getLogger(__name__)
@@ -138,11 +138,11 @@ class LocalEndpoint(Endpoint):
                     elapsed_ms(now, peer.last_pong_ms) <= elapsed_ms(now, opened):
                 return  # a PONG since we opened: the server knows our address
             peer.last_ping_ms = now
-            peer.control(0, Control.PING, extra=self.instance)
+            self.challenge(peer, 0, now)
             gevent.sleep(delay_s)
 
     def keepalive(self, peer: Peer, now: int) -> None:
         if peer.conversations and \
                 elapsed_ms(now, peer.last_ping_ms) >= int(self.timeouts.keepalive_s * 1000):
             peer.last_ping_ms = now
-            peer.control(0, Control.PING, extra=self.instance)
+            self.challenge(peer, 0, now)

@@ -20,17 +20,15 @@ from typing import List, Optional, Sequence, Tuple
 from gevent import socket as gsocket
 
 from .conversation import Conversation
-from .endpoint import Address, Endpoint, Peer, UdpTransport, elapsed_ms, udp_socket
+from .endpoint import Address, Endpoint, Peer, UdpTransport, udp_socket
 from .kcp import OVERHEAD
 from .options import Options
 from .protocol import (
     OPEN_LEN,
-    Control,
     ControlDatagram,
     Limits,
     Reason,
     accept_message,
-    encode_control,
     is_opener,
     may_be_first_flight,
     parse_greeting,
@@ -40,7 +38,6 @@ from .sockopts import apply_outbound
 
 log = logging.getLogger(__name__)
 
-CHALLENGE_EVERY_MS = 200
 
 
 class ServerEndpoint(Endpoint):
@@ -130,19 +127,12 @@ class ServerEndpoint(Endpoint):
             self.unvalidated(peer, message.conv, now)
 
     def unvalidated(self, peer: Peer, conv: int, now: int) -> None:
-        """(Re)send the address challenge, at most every CHALLENGE_EVERY_MS.
+        """(Re)send the address challenge (at most every CHALLENGE_EVERY_MS).
 
         Challenges or their answers get lost like any datagram; the peer's
         own retransmissions bring us here again and pay for the next one.
         """
-        if peer.challenge_ms is not None and \
-                elapsed_ms(now, peer.challenge_ms) < CHALLENGE_EVERY_MS:
-            return
-        # ahead of held output (which may be what the peer cannot pay for),
-        # and remembered only if it really went out
-        if peer.send_ahead(encode_control(conv, Control.PING, now, 0, self.instance)):
-            peer.challenge_ms = now
-            peer.challenges.append(now)
+        self.challenge(peer, conv, now)
 
     def _room_for(self, peer: Optional[Peer]) -> bool:
         """Is there room for one more conversation (from `peer`)?

@@ -38,7 +38,8 @@ from hypothesis import strategies as st
 from gkcp.crypto import Sealer, derive_key
 from gkcp.endpoint import UdpTransport, now_ms
 from gkcp.kcp import CMD_ACK, CMD_PUSH, CMD_WASK, CMD_WINS, KCP, MASK
-from gkcp.protocol import FLAG_ECHO, Control, Limits, Timeouts, conv_of, decode_control
+from gkcp.protocol import (FLAG_ECHO, Control, Limits, Reason, Timeouts, conv_of,
+                           decode_control)
 from gkcp.server import ServerEndpoint
 from security_helpers import (FLOODER, MAX_UDP, SEGMENT, HubErrors, RawKcpClient, RawPeer,
                               Recorder, UdpRelay, control, describe_greenlet, fd_count, flip_bit,
@@ -886,6 +887,65 @@ def test_forged_datagrams_do_not_disturb_a_live_conversation(targets, tunnels, c
     assert server.stats.rst_received == 0 and local.stats.rst_received == 0
     assert server_conv.reason is None and local_conv.reason is None
     assert server.stats.opened == 1
+
+
+@pytest.mark.timeout(60)
+def test_forged_restart_claims_from_the_clients_address_are_refuted(targets, tunnels,
+                                                                     clients):
+    """PINGs and openers naming other instance ids, sent from the client's own
+    address and port (what an off-path attacker who knows that address can
+    forge): the server challenges the address, the real client answers as
+    itself, and nothing of its is dropped; the forged conversations are."""
+    tunnel = tunnels(targets.echo())
+    server, local = tunnel.server, tunnel.local
+    streamer = Streamer(clients, tunnel.address, seed=52)
+    assert wait_until(lambda: server.conversations() and local.conversations(), 5)
+    server_conv, local_conv = server.conversations()[0], local.conversations()[0]
+    peer = server.peers[local_udp_addr(local)]
+    assert wait_until(lambda: peer.validated and peer.instance == local.instance, 5)
+    rng = random.Random(10)
+    sock = local.transports[0].sock  # the client's own address and port
+    with deadline(20, "forging"):
+        for _ in range(20):
+            now = now_ms()
+            sock.send(control(0, Control.PING, ts=now, extra=rng.getrandbits(32)))
+            sock.send(opener(rng.getrandbits(32) or 1, instance=rng.getrandbits(32), ts=now))
+            gevent.sleep(0.05)
+    assert wait_until(lambda: len(server.conversations()) == 1, 5), (
+        f"forged conversations still held: {server.conversations()}")
+    transferred = streamer.finish(30)
+    print(f"\nforged restart claims: live transfer {transferred} bytes intact, "
+          f"server opened {server.stats.opened} (19+ forged, dropped)")
+    assert server_conv.reason is None and local_conv.reason is None
+    assert peer.instance == local.instance
+    assert server.conversations() == [server_conv]
+
+
+@pytest.mark.timeout(60)
+def test_a_restart_on_the_same_address_is_recognised_at_once(targets, tunnels, clients):
+    """A client that restarts and gets the same address and port back (emulated:
+    the same endpoint takes a new instance id): the server proves the claim
+    with one challenge and drops the old incarnation's conversations at once,
+    not after the dead timeout; the new connection works."""
+    tunnel = tunnels(targets.echo())
+    server, local = tunnel.server, tunnel.local
+    old = [clients.connect(tunnel.address) for _ in range(3)]
+    for sock in old:
+        echo_byte(sock)
+    old_server_convs = server.conversations()
+    assert len(old_server_convs) == 3
+    local.instance = (local.instance + 1) & 0xFFFFFFFF or 1  # "restarted"
+    start = time.monotonic()
+    sock = clients.connect(tunnel.address)
+    with deadline(5, "a connection from the new incarnation"):
+        echo_byte(sock, b"new")
+    assert wait_until(lambda: all(c.closed for c in old_server_convs), 3), (
+        "the old incarnation's conversations are still open")
+    elapsed = time.monotonic() - start
+    print(f"\nrestart on the same address: old conversations dropped after {elapsed:.2f}s")
+    assert {c.reason for c in old_server_convs} == {Reason.UNKNOWN_CONV}
+    assert len(server.conversations()) == 1
+    echo_byte(sock, b"still")
 
 
 # ====================================================================================
