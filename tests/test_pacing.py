@@ -148,8 +148,10 @@ def test_unpaced_bursts_overflow_the_bottleneck(targets, tunnels, clients, link)
     assert counts.get("queue_drops", 0) > 0.05 * counts["through_bottleneck"]
 
 
-def test_paced_transfer_keeps_the_queue(targets, tunnels, clients, link):
+@pytest.mark.parametrize("extra", ["", ";key=pacing-test"], ids=["plain", "key"])
+def test_paced_transfer_keeps_the_queue(targets, tunnels, clients, link, extra):
+    """(In key mode the pacer must count the 28 sealing bytes per datagram too.)"""
     counts = download_through_bottleneck(targets, tunnels, clients, link,
-                                         "mode=fast2;ratelimit=7.6M")
+                                         "mode=fast2;ratelimit=7.6M" + extra)
     print(f"\npaced: {counts}")
     assert counts.get("queue_drops", 0) <= 0.01 * counts["through_bottleneck"]

@@ -393,7 +393,8 @@ class Link:
             return
         self.counts["through_bottleneck"] += 1
         start = departures[-1] if departures else now
-        leaves = start + (len(datagram) + 28) * 8 / self.rate_bps
+        wire = len(datagram) + 28 + (28 if transport.sealer is not None else 0)  # IP, UDP, AEAD
+        leaves = start + wire * 8 / self.rate_bps
         departures.append(leaves)
         self._later(leaves - now, transport, datagram, addr)
 
