@@ -28,13 +28,23 @@ behaviour does not:
 Rules this module keeps: all sequence/time arithmetic is modulo 2**32 and
 compared with `_diff` (ikcp's `_itimediff`); no per-call allocation beyond
 the datagrams themselves on the hot paths.
+
+Compiled engine
+---------------
+setup.py compiles this same file with Cython into the optional extension
+`gkcp._kcp_compiled` (C types from `kcp.pxd`, everything above the "engine
+selection" section at the end).  That section makes `KCP` the compiled class
+when the extension is there, was built from this very source, and
+GKCP_PURE_PYTHON is not set; `IMPLEMENTATION` says which one it is.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import struct
 from collections import OrderedDict, deque
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 __all__ = ["KCP", "CMD_PUSH", "CMD_ACK", "CMD_WASK", "CMD_WINS", "OVERHEAD"]
 
@@ -71,12 +81,12 @@ _unpack_header_from = _HEADER.unpack_from
 
 def _diff(later: int, earlier: int) -> int:
     """ikcp's _itimediff: signed 32-bit difference of two u32 values."""
-    return ((later - earlier + 0x80000000) & MASK) - 0x80000000
+    return ((later - earlier + HALF) & MASK) - HALF
 
 
 def _i32(value: int) -> int:
     """Wrap to a C int32."""
-    return ((value + 0x80000000) & MASK) - 0x80000000
+    return ((value + HALF) & MASK) - HALF
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -618,3 +628,60 @@ class KCP:
         if self.cwnd < 1:
             self.cwnd = 1
             self.incr = self.mss
+
+
+# -- engine selection -----------------------------------------------------------
+# setup.py compiles only what precedes this section (it looks for the line
+# above), so the compiled copy holds no selection code.
+
+PURE_KCP = KCP
+"""The pure-Python engine class, whichever engine `KCP` is."""
+IMPLEMENTATION = "pure"
+"""Which engine `KCP` is: "compiled" (gkcp._kcp_compiled) or "pure"."""
+ENGINE_NOTE = ""
+"""Why `KCP` is the pure-Python engine, when it is."""
+
+
+def engine_description() -> str:
+    """Which engine `KCP` is, and why when pure, for logs and reports."""
+    return f"{IMPLEMENTATION} ({ENGINE_NOTE})" if ENGINE_NOTE else IMPLEMENTATION
+
+
+def source_digest(directory: str) -> str:
+    """SHA-256 of what the compiled engine is built from: kcp.py and kcp.pxd
+    in `directory`.  setup.py stores it in the extension as SOURCE_DIGEST."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("kcp.py", "kcp.pxd"):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        digest.update(b"%s %d\n" % (name.encode(), len(data)))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _compiled_engine() -> "tuple[Any, str]":
+    """The compiled KCP class and "", or None and why not."""
+    if os.environ.get("GKCP_PURE_PYTHON", "") not in ("", "0"):
+        return None, "GKCP_PURE_PYTHON is set"
+    try:
+        compiled = importlib.import_module("gkcp._kcp_compiled")
+    except ImportError as exc:
+        return None, f"the compiled engine is not built: {exc}"
+    try:
+        digest = source_digest(os.path.dirname(os.path.abspath(__file__)))
+    except OSError as exc:
+        return None, f"cannot check the compiled engine against its source: {exc}"
+    if getattr(compiled, "SOURCE_DIGEST", None) != digest:
+        return None, ("the compiled engine is stale, built from another kcp.py or kcp.pxd: "
+                      "rebuild it with pip install -e . or python setup.py build_ext --inplace")
+    return compiled.KCP, ""
+
+
+if __name__ == "gkcp.kcp":  # not when setup.py runs this file for source_digest
+    _compiled_kcp, ENGINE_NOTE = _compiled_engine()
+    if _compiled_kcp is not None:
+        KCP = _compiled_kcp  # type: ignore[misc]
+        IMPLEMENTATION = "compiled"
+    del _compiled_kcp
