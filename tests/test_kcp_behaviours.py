@@ -29,7 +29,8 @@ from kcpsim import (
     seg,
 )
 
-pytestmark = pytest.mark.timeout(60)
+# every test runs against each engine: compiled, pure (conftest.kcp_engine)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("kcp_engine")]
 
 T0 = 2**32 - 300
 

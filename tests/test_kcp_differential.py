@@ -49,7 +49,8 @@ from kcpsim import (
     twin_factory,
 )
 
-pytestmark = pytest.mark.timeout(120)
+# every test runs against each engine: compiled, pure (conftest.kcp_engine)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("kcp_engine")]
 
 
 def pytest_generate_tests(metafunc):

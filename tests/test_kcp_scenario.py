@@ -13,13 +13,14 @@ import pytest
 
 from kcpsim import ECHO_MODES, MASK32, CRand, echo_latency, engine_factory, oracle_factory
 
-pytestmark = pytest.mark.timeout(120)
+# every test runs against each engine: compiled, pure (conftest.kcp_engine)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("kcp_engine")]
 
 START_MS = MASK32 - 7000  # the clock wraps 7 s into a ~20 s run
 
 
 @pytest.fixture(scope="module")
-def results():
+def results(kcp_engine):
     return {
         mode: (
             echo_latency(oracle_factory, mode, seed=1, start_ms=START_MS),
