@@ -2,13 +2,18 @@
 # Install what gkcp's tests and benches need, and nothing is done twice:
 #
 #   1. Debian packages (apt-get): the real shadowsocks binaries, secondary
-#      plugins, kcptun for comparison, iperf3/curl for traffic, iproute2/procps.
+#      plugins, kcptun for comparison, iperf3/curl for traffic, iproute2/procps,
+#      and a C compiler (plus python3-dev if the interpreter has no headers)
+#      for the compiled KCP engine.
 #      Only missing packages are installed; `apt-get update` runs only when
 #      the package lists are missing, older than a day, or do not know a
 #      package. Package maintainer scripts are not allowed to start services
 #      (shadowsocks-libev's would start an ss-server on port 8388).
 #   2. A virtualenv with `pip install -e .[test]`, redone only when the
-#      packaging files, the interpreter or the checkout path changed.
+#      packaging files, the KCP engine's sources (gkcp/kcp.py, gkcp/kcp.pxd:
+#      the install compiles them), the interpreter or the checkout path
+#      changed, or when GKCP_REQUIRE_COMPILED=1 and the compiled engine is
+#      not in use. Reports which KCP engine the venv runs.
 #
 # Environment:
 #   GKCP_VENV      where the venv goes (default: .venv in the repo; a relative
@@ -17,6 +22,9 @@
 #   GKCP_SKIP_APT  1: do not touch Debian packages (tests needing the
 #                  binaries will then skip or fail)
 #   GKCP_FORCE     1: run apt-get update and pip install even if up to date
+#   GKCP_REQUIRE_COMPILED
+#                  1: fail unless the compiled KCP engine builds and is in use
+#                  (scripts/test.sh sets it)
 #
 # Usage: bash scripts/install-test-deps.sh
 
@@ -39,6 +47,8 @@ APT_PACKAGES=(
     curl
     iproute2                 # ip, ss, tc
     procps                   # ps, pgrep
+    gcc                      # builds the compiled KCP engine (setup.py)
+    libc6-dev                # the C headers it includes
 )
 # Binaries the tests and benches look for, checked at the end.
 EXPECTED_BINARIES=(
@@ -53,6 +63,7 @@ case $VENV in
     *) VENV=$REPO/$VENV ;;
 esac
 FORCE=${GKCP_FORCE:-0}
+REQUIRE_COMPILED=${GKCP_REQUIRE_COMPILED:-0}
 
 # --------------------------------------------------------------------------
 # Debian packages
@@ -211,6 +222,11 @@ install_debian_packages() {
         say "$PYTHON cannot create venvs (no ensurepip): adding python3-venv"
         is_installed python3-venv || missing+=(python3-venv)
     fi
+    # Debian's own python3 needs python3-dev for Python.h (the compiled engine).
+    if ! "$PYTHON" -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1; then
+        say "$PYTHON has no Python.h: adding python3-dev"
+        is_installed python3-dev || missing+=(python3-dev)
+    fi
 
     if [ "${#missing[@]}" -eq 0 ]; then
         say "Debian packages: all installed (${APT_PACKAGES[*]})"
@@ -264,7 +280,7 @@ packaging_stamp() {
         printf 'repo=%s\n' "$REPO"
         "$VENV/bin/python" -c 'import sys; print("python=" + sys.version.replace("\n", " "))'
         local f
-        for f in setup.py setup.cfg pyproject.toml; do
+        for f in setup.py setup.cfg pyproject.toml gkcp/kcp.py gkcp/kcp.pxd; do
             if [ -e "$f" ]; then sha256sum "$f"; fi
         done
     } | sha256sum | cut -d' ' -f1
@@ -288,14 +304,33 @@ install_venv() {
     local where
     where=$("$VENV/bin/python" -c 'import os, gkcp; print(os.path.dirname(os.path.realpath(gkcp.__file__)))' 2>/dev/null || true)
     if [ "$FORCE" != 1 ] && [ "$want" = "$have" ] && [ "$where" = "$REPO/gkcp" ]; then
-        say "venv: gkcp[test] already installed (editable, from $REPO)"
-        return 0
+        local engine
+        engine=$(kcp_engine || true)
+        if [ "$REQUIRE_COMPILED" != 1 ] || [ "$engine" = compiled ]; then
+            say "venv: gkcp[test] already installed (editable, from $REPO); KCP engine: $engine"
+            return 0
+        fi
+        say "venv: KCP engine: $engine; GKCP_REQUIRE_COMPILED=1, so reinstalling"
     fi
+    # pip runs setup.py, which compiles the KCP engine; GKCP_REQUIRE_COMPILED=1
+    # in the environment makes a failed compile fail the install.
     say "venv: pip install -e '.[test]'"
     "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -e ".[test]"
     where=$("$VENV/bin/python" -c 'import os, gkcp; print(os.path.dirname(os.path.realpath(gkcp.__file__)))')
     [ "$where" = "$REPO/gkcp" ] || die "gkcp in $VENV imports from $where, not $REPO/gkcp"
+    local engine
+    engine=$(kcp_engine)
+    say "venv: KCP engine: $engine"
+    if [ "$REQUIRE_COMPILED" = 1 ] && [ "$engine" != compiled ]; then
+        die "GKCP_REQUIRE_COMPILED=1, but the venv's KCP engine is $engine"
+    fi
     printf '%s\n' "$want" >"$stamp_file"
+}
+
+# The KCP engine the venv selects when GKCP_PURE_PYTHON is not set:
+# "compiled", or "pure (why)".
+kcp_engine() {
+    env -u GKCP_PURE_PYTHON "$VENV/bin/python" -c 'import gkcp.kcp as k; print(k.engine_description())'
 }
 
 # --------------------------------------------------------------------------
