@@ -30,6 +30,7 @@ from gevent import subprocess
 
 from .addresses import Address, AddressError, host_list, parse_port, resolve
 from .endpoint import Endpoint
+from .kcp import engine_description
 from .options import Options
 from .run import Fatal, Watcher, bind_error, load_options, serve
 
@@ -194,5 +195,6 @@ def _build(env: PluginEnv, options: Options, server: bool):  # type: ignore[no-u
             raise bind_error(exc, f"TCP {env.local_host}:{listen_at[1]}") from None
         if options.plugin:
             secondary = Secondary(options.plugin, options.plugin_opts or "", listen_at, local)
-    log.info("gkcp %s ready", "server" if server else "local")
+    log.info("gkcp %s ready; KCP engine: %s", "server" if server else "local",
+             engine_description())
     return endpoint, secondary

@@ -23,6 +23,7 @@ from .addresses import AddressError, resolve, split_host_port
 from .crypto import OVERHEAD as CRYPTO_OVERHEAD
 from .crypto import CryptoUnavailable, Sealer
 from .endpoint import Endpoint
+from .kcp import engine_description
 from .options import OptionError, Options, parse_options
 from .sockopts import SockoptError, apply_outbound
 
@@ -135,8 +136,9 @@ def run_standalone(args: argparse.Namespace) -> int:
     except (Fatal, AddressError) as exc:
         print(f"gkcp: error: {exc}", file=sys.stderr)
         return 2
-    log.info("%s listening on %s", endpoint.role,
-             ", ".join(map(str, endpoint.bound_addresses)))  # type: ignore[attr-defined]
+    log.info("%s listening on %s; KCP engine: %s", endpoint.role,
+             ", ".join(map(str, endpoint.bound_addresses)),  # type: ignore[attr-defined]
+             engine_description())
     return serve(endpoint)
 
 
