@@ -128,6 +128,13 @@ class build_ext(_build_ext):
                 file=sys.stderr,
             )
 
+    def copy_extensions_to_source(self):
+        # In place (editable installs, --inplace) setuptools would rewrite the
+        # old file, under any running gkcp that has it mapped (which can crash
+        # it): unlink it first, so the new engine is a new file.
+        remove(os.path.join(HERE, self.get_ext_filename(ENGINE_MODULE)))
+        super().copy_extensions_to_source()
+
     def remove_earlier_build(self):
         """Delete the engine an earlier build left in build/ (a wheel would
         pack it) and, building in place, in gkcp/: what is installed must be
@@ -137,10 +144,18 @@ class build_ext(_build_ext):
         if self.inplace or getattr(self, "editable_mode", False):
             places.append(HERE)
         for place in places:
-            path = os.path.join(place, name)
-            if os.path.exists(path):
-                os.remove(path)
-                print(f"removed {path}, from an earlier build", file=sys.stderr)
+            if remove(os.path.join(place, name)):
+                print(f"removed {os.path.join(place, name)}, from an earlier build",
+                      file=sys.stderr)
+
+
+def remove(path):
+    """Unlink `path` if it exists; whether it did."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 TEST_REQUIRES = [
