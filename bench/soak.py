@@ -615,6 +615,7 @@ def soak(args: argparse.Namespace) -> int:
     me = os.path.abspath(__file__)
     procs: List[Proc] = []
     target: Optional[Target] = None
+    serving: Optional[threading.Thread] = None
     traffic: Optional[Traffic] = None
     samples: List[Sample] = []
     problems: List[str] = []
@@ -647,8 +648,9 @@ def soak(args: argparse.Namespace) -> int:
         local = start("local", ["_gkcp", os.path.join(logdir, "local.json"), "local",
                                 "-l", f"127.0.0.1:{listen}",
                                 "-r", f"{link_addr[0]}:{link_addr[1]}", "-o", options, "-q"])
-        threading.Thread(target=target.serve_forever, kwargs={"poll_interval": 0.5},
-                         daemon=True).start()
+        serving = threading.Thread(target=target.serve_forever,
+                                   kwargs={"poll_interval": 0.5}, daemon=True)
+        serving.start()
         wait_bound(listen, server_udp, [server, local])
         watched = [Watched("server", server, os.path.join(logdir, "server.json")),
                    Watched("local", local, os.path.join(logdir, "local.json"))]
@@ -750,8 +752,9 @@ def soak(args: argparse.Namespace) -> int:
             traffic.stopping.set()
         for p in reversed(procs):
             p.stop()
+        if serving is not None and target is not None:
+            target.shutdown()  # waits for serve_forever: only if it ever ran
         if target is not None:
-            target.shutdown()
             target.server_close()
         for s, handler in old.items():
             signal.signal(s, handler)
