@@ -50,7 +50,7 @@ from .crypto import OVERHEAD as CRYPTO_OVERHEAD
 from .crypto import Sealer, derive_key
 from .kcp import CMD_PUSH, KCP, MASK
 from .options import Options
-from .pacing import DROPPED, IP_UDP_OVERHEAD, SEND, Pacer, paced_window
+from .pacing import AUTO, DROPPED, IP_UDP_OVERHEAD, MIN_BPS, SEND, AutoRate, Pacer, paced_window
 from .protocol import (
     CONTROL_LEN,
     FLAG_ECHO,
@@ -204,12 +204,16 @@ class Peer:
         self.pacer: Optional[Pacer] = None
         self._pace_timer = None
         self.starved: Dict[Conversation, None] = {}  # waiting for tokens to send new data
+        self.auto: Optional[AutoRate] = None  # ratelimit=auto: the rate is measured
         rate = endpoint.options.ratelimit
         if rate:
             self.ip_overhead = IP_UDP_OVERHEAD[6 if ":" in str(addr[0]) else 4]
             self.segment = endpoint.options.mtu + self.ip_overhead  # a full datagram, wire
+            if rate == AUTO:
+                self.auto = AutoRate(time.monotonic())
+                rate = self.auto.gain() * self.auto.rate_bps
             self.pacer = Pacer(rate, self.ip_overhead + endpoint.seal_overhead,
-                               time.monotonic())
+                               time.monotonic(), free_small=self.auto is not None)
 
     def __repr__(self) -> str:
         return f"<Peer {self.addr} {len(self.conversations)} conversations>"
@@ -250,8 +254,17 @@ class Peer:
     def starve(self, conv: Conversation) -> None:
         """`conv` has more to send than the tokens allow: flush it when they do."""
         self.starved[conv] = None
+        if self.auto is not None:
+            self.auto.limited = True
         if self._pace_timer is None:
             self._arm_pacer()
+
+    def acked(self, segments: int) -> None:
+        """ratelimit=auto: `segments` of ours were acknowledged (a delivery sample)."""
+        rtt_s = (self.rtt_min_ms or 0) / 1000.0
+        rate = self.auto.on_acked(segments * self.segment, time.monotonic(), rtt_s)  # type: ignore
+        if rate is not None:
+            self.pacer.set_rate(max(rate, MIN_BPS))  # type: ignore[union-attr]
 
     def _arm_pacer(self) -> None:
         pacer = self.pacer
@@ -295,9 +308,10 @@ class Peer:
             self.update_window()
 
     def update_window(self) -> None:
-        if self.pacer is not None:
-            endpoint = self.endpoint
-            self.wnd_cap = paced_window(endpoint.options.ratelimit, self.rtt_min_ms,
+        # (not with ratelimit=auto: a window held to the estimate would keep
+        # the estimate from growing whenever losses stall KCP's window)
+        if self.pacer is not None and self.auto is None:
+            self.wnd_cap = paced_window(self.endpoint.options.ratelimit, self.rtt_min_ms,
                                         self.segment)
 
     def received(self, size: int) -> None:
@@ -427,9 +441,12 @@ class Endpoint:
                 self.unvalidated(peer, conv.conv, now)
             kcp = conv.kcp
             kcp.current = now
+            in_flight = kcp.nsnd_buf if peer.auto is not None else 0
             if kcp.input(data) < 0:
                 stats.invalid += 1
                 return
+            if in_flight and kcp.nsnd_buf < in_flight:  # ratelimit=auto: a delivery sample
+                peer.acked(in_flight - kcp.nsnd_buf)
             if data[4] == CMD_PUSH:  # first segment is a PUSH: remember the peer's clock
                 conv.latest_peer_ts = int.from_bytes(data[8:12], "little")
             conv.on_input()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import unquote
 
-from .pacing import parse_rate
+from .pacing import AUTO, parse_rate
 from .protocol import Timeouts
 
 
@@ -54,7 +54,7 @@ class Options:
     mtu: int = 1350
     sndwnd: int = 1024
     rcvwnd: int = 1024
-    ratelimit: float = 0.0  # bits/s of IP packets each peer may be sent; 0: no pacing
+    ratelimit: float = 0.0  # bits/s of IP packets each peer may be sent; 0: none; AUTO
     timeouts: Timeouts = field(default_factory=Timeouts)
     server: bool = False
     verbose: int = 0
@@ -185,11 +185,13 @@ def _rate(key: str, value: Optional[str]) -> float:
     v = (value or "").strip().lower()
     if v in ("0", "off", "none", "no", "false"):
         return 0.0
+    if v == "auto":
+        return AUTO
     bps = parse_rate(v)
     if bps is None or not RATE_MIN <= bps <= RATE_MAX:
         raise OptionError(f"option {key}={value!r}: expected a rate in bits per second from "
                           f"64k to 100G, e.g. 50M, 800k or 1.5G (k, M, G = 10^3, 10^6, 10^9), "
-                          f"or 0/off for no pacing")
+                          f"auto to measure it, or 0/off for no pacing")
     return bps
 
 

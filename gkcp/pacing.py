@@ -25,6 +25,15 @@ ahead of full-size ones: they cost little rate and keep small requests
 fast while a bulk transfer fills the queue.  KCP copes with the reordering
 this can cause between its own segments.
 
+With ``ratelimit=auto`` the rate is not given but measured, after BBR's
+idea (`AutoRate`): once per round trip the bytes the peer acknowledged give
+a delivery-rate sample; the largest of the last `BW_ROUNDS` samples is the
+path's rate estimate; the pacer runs at a gain times that: 2.5 while the
+estimate still grows by a quarter per round (start-up), then one round at
+1/2.5 (drain the queue that start-up built), then cycling 1.25, 0.75, 1,
+1, 1, 1, 1, 1 (probe for more, drain, cruise).  Rounds in which the sender
+had less to send than the pacer allowed do not lower the estimate.
+
 Nothing here does I/O or reads a clock: the caller passes `now` (seconds)
 and sends what `release` returns.
 """
@@ -36,7 +45,7 @@ import re
 from collections import deque
 from typing import Deque, List, Optional
 
-__all__ = ["Pacer", "parse_rate", "paced_window", "IP_UDP_OVERHEAD"]
+__all__ = ["Pacer", "AutoRate", "AUTO", "parse_rate", "paced_window", "IP_UDP_OVERHEAD"]
 
 #: bytes the IP and UDP headers add to a datagram, by address family
 IP_UDP_OVERHEAD = {4: 28, 6: 48}
@@ -52,23 +61,32 @@ WINDOW_LEAST = 8  # segments: enough for fast retransmission to work
 
 SEND, QUEUED, DROPPED = 0, 1, 2
 
+AUTO = -1.0  # Options.ratelimit for ratelimit=auto
+
 
 class Pacer:
     """A token bucket in front of one peer's socket."""
 
     __slots__ = ("rate", "depth", "tokens", "stamp", "limit", "queued", "bulk", "small",
-                 "overhead")
+                 "overhead", "free_small")
 
-    def __init__(self, rate_bps: float, overhead: int, now: float) -> None:
-        self.rate = rate_bps / 8.0  # bytes per second
-        self.depth = max(float(BURST_MIN), self.rate * BURST_S)
+    def __init__(self, rate_bps: float, overhead: int, now: float,
+                 free_small: bool = False) -> None:
+        self.set_rate(rate_bps)
+        #: small datagrams go at once, uncounted (ratelimit=auto: the measured
+        #: rate is of our data; the ACKs we send for the peer's data are not in it)
+        self.free_small = free_small
         self.tokens = self.depth
         self.stamp = now
-        self.limit = max(float(QUEUE_MIN), self.rate * QUEUE_S)
         self.queued = 0  # bytes waiting, with overhead
         self.bulk: Deque[bytes] = deque()
         self.small: Deque[bytes] = deque()
         self.overhead = overhead  # per datagram on the wire, beyond len(datagram)
+
+    def set_rate(self, rate_bps: float) -> None:
+        self.rate = rate_bps / 8.0  # bytes per second
+        self.depth = max(float(BURST_MIN), self.rate * BURST_S)
+        self.limit = max(float(QUEUE_MIN), self.rate * QUEUE_S)
 
     def _refill(self, now: float) -> None:
         self.tokens = min(self.depth, self.tokens + (now - self.stamp) * self.rate)
@@ -77,6 +95,8 @@ class Pacer:
     def submit(self, datagram: bytes, now: float) -> int:
         """SEND (go now, tokens taken), QUEUED (wait for `release`) or DROPPED."""
         size = len(datagram) + self.overhead
+        if size <= SMALL and self.free_small:
+            return SEND
         if not self.queued:
             self._refill(now)
             if self.tokens >= size:
@@ -154,3 +174,73 @@ def parse_rate(text: str) -> Optional[float]:
     if not match:
         return None
     return float(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+STARTUP, DRAIN, PROBE = "startup", "drain", "probe"
+STARTUP_GAIN = 2.5
+CYCLE = (1.25, 1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0)
+BW_ROUNDS = 10  # the estimate is the largest sample of this many rounds
+ROUND_MIN_S = 0.02  # a round is the smallest RTT seen, but at least this
+INITIAL_BPS = 8e6  # before the first sample
+MIN_BPS = 256e3  # never pace slower than this
+
+
+class AutoRate:
+    """ratelimit=auto: the pacing rate from the measured delivery rate."""
+
+    __slots__ = ("samples", "bw", "round_start", "delivered", "limited", "state",
+                 "full_bw", "full_rounds", "cycle")
+
+    def __init__(self, now: float) -> None:
+        self.samples: Deque[float] = deque(maxlen=BW_ROUNDS)  # bytes/s per round
+        self.bw = INITIAL_BPS / 8.0  # the estimate, bytes/s
+        self.round_start = now
+        self.delivered = 0  # bytes acknowledged this round
+        self.limited = False  # did the pacer hold the sender back this round?
+        self.state = STARTUP
+        self.full_bw = 0.0
+        self.full_rounds = 0
+        self.cycle = 0
+
+    @property
+    def rate_bps(self) -> float:
+        """The path's estimated rate, bits/s (without gain)."""
+        return self.bw * 8.0
+
+    def gain(self) -> float:
+        if self.state == STARTUP:
+            return STARTUP_GAIN
+        if self.state == DRAIN:
+            return 1.0 / STARTUP_GAIN
+        return CYCLE[self.cycle]
+
+    def on_acked(self, nbytes: int, now: float, rtt_s: float) -> Optional[float]:
+        """`nbytes` were acknowledged.  At the end of a round, the new pacing
+        rate in bits/s; else None."""
+        self.delivered += nbytes
+        elapsed = now - self.round_start
+        if elapsed < max(rtt_s, ROUND_MIN_S):
+            return None
+        sample = self.delivered / elapsed
+        self.delivered = 0
+        self.round_start = now
+        if self.limited or sample > self.bw:
+            self.samples.append(sample)  # a sender short of data says little
+        self.limited = False
+        if self.samples:
+            self.bw = max(max(self.samples), MIN_BPS / 8.0)
+        self._next_state()
+        return self.gain() * self.bw * 8.0
+
+    def _next_state(self) -> None:
+        if self.state == STARTUP:
+            if self.bw >= 1.25 * self.full_bw:
+                self.full_bw, self.full_rounds = self.bw, 0
+            else:
+                self.full_rounds += 1
+                if self.full_rounds >= 3:
+                    self.state = DRAIN
+        elif self.state == DRAIN:
+            self.state, self.cycle = PROBE, 3  # cruise first
+        else:
+            self.cycle = (self.cycle + 1) % len(CYCLE)

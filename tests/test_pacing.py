@@ -18,7 +18,8 @@ import tunnel_helpers  # noqa: F401,I001  (first: gevent patches the stdlib on i
 import gevent
 
 from gkcp.options import OptionError, parse_options
-from gkcp.pacing import DROPPED, QUEUED, SEND, SMALL, Pacer, paced_window, parse_rate
+from gkcp.pacing import (AUTO, DROPPED, QUEUED, SEND, SMALL, AutoRate, Pacer, paced_window,
+                         parse_rate)
 from tunnel_helpers import recv_to_eof, send_random
 
 pytest_plugins = ["tunnel_helpers"]
@@ -97,6 +98,37 @@ def test_paced_window():
     assert paced_window(64e3, 1, 1378) >= 8  # never below what fast retransmit needs
 
 
+def feed(auto, rate_bytes, rounds, rtt_s=0.05, limited=True, start=0.0):
+    """`rounds` round trips of acknowledgements at `rate_bytes`/s, 10 per round."""
+    t, rates = start, []
+    for _ in range(rounds):
+        auto.limited = limited
+        for _ in range(10):
+            t += rtt_s / 10
+            rate = auto.on_acked(int(rate_bytes * rtt_s / 10), t, rtt_s)
+            if rate is not None:
+                rates.append(rate)
+    return t, rates
+
+
+def test_auto_rate_measures_starts_up_and_settles():
+    auto = AutoRate(now=0.0)
+    t, rates = feed(auto, 2.5e6, 12)  # a 20 Mbit/s path
+    assert auto.rate_bps == pytest.approx(20e6, rel=0.1)
+    assert auto.state != "startup"  # three rounds without growth ended it
+    assert max(rates) > 1.5 * 20e6  # start-up probed well above ...
+    t, rates = feed(auto, 2.5e6, 16, start=t)
+    assert sum(rates) / len(rates) == pytest.approx(20e6, rel=0.15)  # ... cruise around it
+    assert max(rates) >= 1.2 * 20e6 and min(rates) <= 0.8 * 20e6  # probing up and down
+
+
+def test_auto_rate_is_not_lowered_by_a_sender_short_of_data():
+    auto = AutoRate(now=0.0)
+    t, _ = feed(auto, 2.5e6, 12)
+    feed(auto, 0.1e6, 20, limited=False, start=t)  # an interactive lull
+    assert auto.rate_bps == pytest.approx(20e6, rel=0.1)
+
+
 @pytest.mark.parametrize("text, bps", [("50M", 50e6), ("2.5mbit", 2.5e6), ("800kbps", 8e5),
                                        ("1G", 1e9), ("100000", 1e5), ("20Mbit/s", 20e6)])
 def test_parse_rate(text, bps):
@@ -104,7 +136,7 @@ def test_parse_rate(text, bps):
     assert parse_options(f"ratelimit={text}")[0].ratelimit == bps
 
 
-@pytest.mark.parametrize("text", ["fast", "50MB", "-5M", "10k", "1T", ""])
+@pytest.mark.parametrize("text", ["fast", "50MB", "-5M", "10k", "1T", "", "automatic"])
 def test_bad_ratelimit_is_named(text):
     with pytest.raises(OptionError, match=r"ratelimit=.*bits per second"):
         parse_options(f"ratelimit={text}")
@@ -113,6 +145,7 @@ def test_bad_ratelimit_is_named(text):
 def test_ratelimit_off_by_default():
     assert parse_options("")[0].ratelimit == 0
     assert parse_options("ratelimit=off")[0].ratelimit == 0
+    assert parse_options("ratelimit=auto")[0].ratelimit == AUTO
 
 
 # -- the tunnel through a bottleneck ----------------------------------------------------
@@ -122,13 +155,15 @@ RATE = 8 * MBIT
 QUEUE = 30
 
 
-def download_through_bottleneck(targets, tunnels, clients, link, options_text):
-    """SIZE bytes target -> client across an 8 Mbit/s bottleneck; returns the link counts."""
+def download_through_bottleneck(targets, tunnels, clients, link, options_text, size=SIZE,
+                                after=None):
+    """`size` bytes target -> client across an 8 Mbit/s bottleneck; returns the link
+    counts.  `after(tunnel)` runs once the download is complete."""
     link.bottleneck(RATE, QUEUE)
     sent = gevent.event.AsyncResult()
 
     def handler(sock, _addr):
-        sent.set(send_random(sock, 77, SIZE))
+        sent.set(send_random(sock, 77, size))
         recv_to_eof(sock)
 
     opts = tunnel_helpers.fast_options(text=options_text)
@@ -136,8 +171,10 @@ def download_through_bottleneck(targets, tunnels, clients, link, options_text):
     sock = clients.connect(tunnel.address)
     with gevent.Timeout(60, AssertionError("download through the bottleneck: no end in 60 s")):
         received, digest = recv_to_eof(sock)
-    assert received == SIZE
+    assert received == size
     assert digest == sent.get(timeout=5)
+    if after is not None:
+        after(tunnel)
     return dict(link.counts)
 
 
@@ -155,3 +192,22 @@ def test_paced_transfer_keeps_the_queue(targets, tunnels, clients, link, extra):
                                          "mode=fast2;ratelimit=7.6M" + extra)
     print(f"\npaced: {counts}")
     assert counts.get("queue_drops", 0) <= 0.01 * counts["through_bottleneck"]
+
+
+def test_auto_rate_finds_the_bottleneck(targets, tunnels, clients, link):
+    """ratelimit=auto: the rate is measured, not given.  It loses a small
+    fraction of what unpaced KCP loses at the bottleneck (compare
+    test_unpaced_bursts_overflow_the_bottleneck: there, more drops than
+    datagrams through; here, mostly the start-up overshoot into a 30-packet
+    queue), and its estimate ends near the bottleneck's rate."""
+    estimates = []
+
+    def estimate(tunnel):
+        estimates.extend(p.auto.rate_bps for p in tunnel.server.peers.values())
+
+    counts = download_through_bottleneck(targets, tunnels, clients, link,
+                                         "mode=fast2;ratelimit=auto", size=4 * SIZE,
+                                         after=estimate)
+    print(f"\nauto: {counts}, estimate {[f'{e / MBIT:.1f}' for e in estimates]} Mbit/s")
+    assert counts.get("queue_drops", 0) <= 0.25 * counts["through_bottleneck"]
+    assert len(estimates) == 1 and 0.7 * RATE <= estimates[0] <= 1.3 * RATE

@@ -366,6 +366,7 @@ class Link:
         self.muted: set = set()  # endpoints whose datagrams all vanish
         self.rate_bps = 0.0  # a bottleneck per sending endpoint (0: none) ...
         self.queue_limit = 0  # ... with a drop-tail queue of this many packets
+        self.link_delay_s = 0.0  # ... and this propagation delay
         self._departures: Dict[object, Deque[float]] = {}
         self.drop_if: Optional[Callable[[UdpTransport, bytes], bool]] = None
         self.counts: Counter = Counter()
@@ -378,10 +379,11 @@ class Link:
         self.loss, self.reorder, self.duplicate = loss, reorder, duplicate
         self.max_delay_s = max_delay_s
 
-    def bottleneck(self, rate_bps: float, queue: int) -> None:
+    def bottleneck(self, rate_bps: float, queue: int, delay_s: float = 0.0) -> None:
         """Each sender's datagrams leave one at a time at `rate_bps` (IP bytes);
-        at most `queue` wait, the rest are dropped (counted as queue_drops)."""
-        self.rate_bps, self.queue_limit = rate_bps, queue
+        at most `queue` wait, the rest are dropped (counted as queue_drops);
+        then they take `delay_s` more to arrive."""
+        self.rate_bps, self.queue_limit, self.link_delay_s = rate_bps, queue, delay_s
 
     def _through_bottleneck(self, transport: UdpTransport, datagram: bytes, addr) -> None:
         now = time.monotonic()
@@ -396,7 +398,7 @@ class Link:
         wire = len(datagram) + 28 + (28 if transport.sealer is not None else 0)  # IP, UDP, AEAD
         leaves = start + wire * 8 / self.rate_bps
         departures.append(leaves)
-        self._later(leaves - now, transport, datagram, addr)
+        self._later(leaves - now + self.link_delay_s, transport, datagram, addr)
 
     def mute(self, endpoint: Endpoint) -> None:
         self.muted.add(endpoint)
