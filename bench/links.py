@@ -22,7 +22,8 @@ For each scenario and implementation:
 * cpu%: the tunnel's two processes, % of one core, during the load phase.
 
 "gkcp fast2 paced" is gkcp fast2 with ratelimit set to the link's rate
-(what a user who knows the path's rate would set).
+(what a user who knows the path's rate would set); "gkcp fast2 auto" has
+ratelimit=auto (the rate measured).
 
     python bench/links.py [--quick] [--seconds 10] [--idle 8] [--reps 3]
                           [--scenario NAME] [--impl NAME] [--add-gkcp OPTIONS]
@@ -93,6 +94,7 @@ LINK_RATE = "{link_rate}"
 def impls() -> List[Impl]:
     return [Impl("gkcp fast2", "gkcp", gkcp_options()),
             Impl("gkcp fast2 paced", "gkcp", gkcp_options(f"ratelimit={LINK_RATE}")),
+            Impl("gkcp fast2 auto", "gkcp", gkcp_options("ratelimit=auto")),
             Impl("gkcp fast2 nc=0", "gkcp", gkcp_options("nc=0")),
             Impl("kcptun fast2", "kcptun"),
             Impl("kcptun fast2 nc=0", "kcptun", KCPTUN_FAST2_NC0),
@@ -249,7 +251,7 @@ def run(quick: bool = False, seconds: float = 10.0, idle_s: float = 8.0, reps: i
         scenarios = [s for s in SCENARIOS if s.name in only_scenarios]
     chosen = [i for i in impls() if not only_impls or i.name in only_impls]
     if quick and not only_impls:  # the smoke run: one of each kind
-        chosen = [i for i in chosen if "nc=0" not in i.name]
+        chosen = [i for i in chosen if "nc=0" not in i.name and "auto" not in i.name]
     chosen += [Impl(f"gkcp {extra}", "gkcp", gkcp_options(extra)) for extra in add_gkcp or []]
     raise_nofile()
     logdir = tempfile.mkdtemp(prefix="gkbench-links-")
