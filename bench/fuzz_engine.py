@@ -41,6 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import atheris  # noqa: E402
 
+# the pure-Python engine: atheris sees coverage only in Python code (the
+# compiled one is the same source, and tests/test_kcp_* check both agree)
+os.environ["GKCP_PURE_PYTHON"] = "1"
+
 with atheris.instrument_imports():
     from gkcp import protocol
     from gkcp.crypto import REPLAY_WINDOW, Sealer
