@@ -44,6 +44,7 @@ import importlib
 import os
 import struct
 from collections import OrderedDict, deque
+from types import MappingProxyType
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 __all__ = ["KCP", "CMD_PUSH", "CMD_ACK", "CMD_WASK", "CMD_WINS", "OVERHEAD"]
@@ -77,6 +78,13 @@ HALF = 0x80000000  # (a - b) & MASK < HALF  <=>  _diff(a, b) >= 0
 _HEADER = struct.Struct("<IBBHIIII")
 _pack_header = _HEADER.pack
 _unpack_header_from = _HEADER.unpack_from
+
+
+# An idle KCP holds no containers: empty queues and an empty send buffer are
+# these shared, immutable stand-ins (an empty deque alone costs ~760 bytes).
+_EMPTY: Any = ()
+_NO_ACKS: List[int] = []  # never appended to: input() replaces it first
+_NO_SEGMENTS: Any = MappingProxyType({})
 
 
 def _diff(later: int, earlier: int) -> int:
@@ -191,12 +199,12 @@ class KCP:
         self.nocwnd = 0
         self.xmit = 0
         self.dead_link = DEADLINK
-        self.snd_queue: Deque[_Segment] = deque()
+        self.snd_queue: Deque[_Segment] = _EMPTY
         # sn -> segment, in sn order: the unacknowledged segments in flight
-        self.snd_buf: "OrderedDict[int, _Segment]" = OrderedDict()
-        self.rcv_queue: Deque[tuple] = deque()  # (frg, data)
+        self.snd_buf: "OrderedDict[int, _Segment]" = _NO_SEGMENTS
+        self.rcv_queue: Deque[tuple] = _EMPTY  # (frg, data)
         self.rcv_buf: Dict[int, tuple] = {}  # sn -> (frg, data)
-        self.acklist: List[int] = []  # flat: sn, ts, sn, ts, ...
+        self.acklist: List[int] = _NO_ACKS  # flat: sn, ts, sn, ts, ...
 
     # -- counters ikcp keeps as fields --------------------------------------
     @property
@@ -252,6 +260,8 @@ class KCP:
                 parts.append(data)
             data = b"".join(parts)
         self._move_rcv_buf()
+        if not queue:
+            self.rcv_queue = _EMPTY
         if recover and len(queue) < self.rcv_wnd:
             self.probe |= ASK_TELL  # the window reopened: tell the peer
         return data
@@ -281,6 +291,8 @@ class KCP:
         count = (rest + mss - 1) // mss if rest > mss else 1
         if count >= WND_RCV:
             return offset if offset > 0 else -2
+        if queue is _EMPTY:
+            queue = self.snd_queue = deque()
         if offset == 0 and count == 1:
             queue.append(_Segment(0, bytes(data)))
             return length
@@ -346,7 +358,11 @@ class KCP:
             self._parse_una(una)
             if cmd == CMD_PUSH:
                 if _diff(sn, self.rcv_nxt + self.rcv_wnd) < 0:
-                    self.acklist += (sn, ts)
+                    acks = self.acklist
+                    if acks is _NO_ACKS:
+                        self.acklist = [sn, ts]
+                    else:
+                        acks += (sn, ts)
                     if _diff(sn, self.rcv_nxt) >= 0:
                         self._parse_data(sn, frg, datagram[offset:offset + length])
             elif cmd == CMD_ACK:
@@ -402,10 +418,16 @@ class KCP:
 
     def _shrink_buf(self) -> None:
         buf = self.snd_buf
-        self.snd_una = next(iter(buf)) if buf else self.snd_nxt
+        if buf:
+            self.snd_una = next(iter(buf))
+        else:
+            self.snd_una = self.snd_nxt
+            self.snd_buf = _NO_SEGMENTS
 
     def _parse_una(self, una: int) -> None:
         buf = self.snd_buf
+        if not buf:
+            return
         popitem = buf.popitem
         changed = False
         while buf:
@@ -419,7 +441,8 @@ class KCP:
 
     def _parse_ack(self, sn: int) -> None:
         # every key in snd_buf lies in [snd_una, snd_nxt): ikcp's range check
-        if self.snd_buf.pop(sn, None) is not None and sn == self.snd_una:
+        buf = self.snd_buf
+        if buf and buf.pop(sn, None) is not None and sn == self.snd_una:
             self._shrink_buf()
 
     def _parse_fastack(self, sn: int, ts: int) -> None:
@@ -435,6 +458,15 @@ class KCP:
 
     def _parse_data(self, sn: int, frg: int, data: bytes) -> None:
         rcv_buf = self.rcv_buf
+        if sn == self.rcv_nxt and not rcv_buf and len(self.rcv_queue) < self.rcv_wnd:
+            # in order, nothing buffered: straight to the queue, as
+            # _move_rcv_buf would move it (and rcv_buf never grows a table)
+            queue = self.rcv_queue
+            if queue is _EMPTY:
+                queue = self.rcv_queue = deque()
+            queue.append((frg, data))
+            self.rcv_nxt = (sn + 1) & MASK
+            return
         if sn not in rcv_buf:
             rcv_buf[sn] = (frg, data)
         self._move_rcv_buf()
@@ -447,6 +479,8 @@ class KCP:
             seg = rcv_buf.pop(self.rcv_nxt, None)
             if seg is None:
                 break
+            if queue is _EMPTY:
+                queue = self.rcv_queue = deque()
             queue.append(seg)
             self.rcv_nxt = (self.rcv_nxt + 1) & MASK
 
@@ -520,7 +554,7 @@ class KCP:
                 ts = acklist[i + 1]
                 parts.append(_pack_header(conv, CMD_ACK, 0, wnd, ts, sn, rcv_nxt, 0))
                 size += OVERHEAD
-            self.acklist = []
+            self.acklist = _NO_ACKS
 
         # window probing
         if self.rmt_wnd == 0:
@@ -559,6 +593,8 @@ class KCP:
             limit = (self.snd_una + cwnd) & MASK
             snd_nxt = self.snd_nxt
             rx_rto = self.rx_rto
+            if snd_buf is _NO_SEGMENTS and _diff(snd_nxt, limit) < 0:
+                snd_buf = self.snd_buf = OrderedDict()
             while queue and _diff(snd_nxt, limit) < 0:
                 seg = queue.popleft()
                 seg.sn = snd_nxt
@@ -568,6 +604,8 @@ class KCP:
                 snd_buf[snd_nxt] = seg
                 snd_nxt = (snd_nxt + 1) & MASK
             self.snd_nxt = snd_nxt
+            if not queue:
+                self.snd_queue = _EMPTY
 
         # data segments: new, timed out, fast retransmit
         resent = self.fastresend if self.fastresend > 0 else MASK
