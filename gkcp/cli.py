@@ -22,6 +22,9 @@ log = logging.getLogger("gkcp")
 
 
 def _patch() -> None:
+    import gevent
+    # no spawn-tree bookkeeping (parent weakref, spawning stack) per greenlet
+    gevent.config.track_greenlet_tree = False
     from gevent import monkey
     if not monkey.is_module_patched("socket"):
         monkey.patch_all()

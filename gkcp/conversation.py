@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 import gevent
-from gevent.event import Event
+from gevent.hub import Waiter
 
 from .kcp import KCP
 from .protocol import FIN_MESSAGE, Reason
@@ -37,6 +37,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+
+class _Upload(gevent.Greenlet):
+    """The upload greenlet.  (A subclass instead of spawn(conv.upload, sock):
+    gevent keeps a `run` argument in a per-greenlet __dict__, ~100 bytes.)"""
+
+    def _run(self, conv: "Conversation", sock: socket.socket) -> None:
+        conv.upload(sock)
+
+
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -44,8 +53,8 @@ class Conversation:
     """KCP state plus the I/O state of one tunnelled connection."""
 
     __slots__ = (
-        "endpoint", "peer", "conv", "kcp", "send_limit", "chunk", "sock", "readable",
-        "writable", "drained", "fin_sent", "fin_received", "closed", "reason",
+        "endpoint", "peer", "conv", "kcp", "send_limit", "chunk", "sock", "_down",
+        "_up", "fin_sent", "fin_received", "closed", "reason",
         "started_s", "created_ms", "last_payload_ms", "last_una", "last_una_ms",
         "latest_peer_ts", "peer_instance", "greeting", "timer_due", "bytes_up",
         "bytes_down", "__weakref__",
@@ -66,9 +75,11 @@ class Conversation:
         # largest TCP read we turn into one message: well under 127 fragments
         self.chunk = min(65536, kcp.mss * 64)
         self.sock: Optional[socket.socket] = None
-        self.readable = Event()  # the download side has something to do
-        self.writable = Event()  # the upload side may read more from TCP
-        self.drained = Event()  # everything we sent is acknowledged
+        # the Waiter a greenlet is parked on, if it is: `_down` for the
+        # download/run greenlet (a message came, all was acknowledged, or
+        # closed), `_up` for the upload greenlet (room in the send queue)
+        self._down: Optional[Waiter] = None
+        self._up: Optional[Waiter] = None
         self.fin_sent = False
         self.fin_received = False
         self.closed = False
@@ -94,30 +105,76 @@ class Conversation:
         """After datagrams were fed to the KCP: wake whoever can proceed."""
         kcp = self.kcp
         if kcp.rcv_queue:
-            self.readable.set()
+            self._wake_down()
         waiting = kcp.waitsnd()
         if waiting < self.send_limit:
-            self.writable.set()
+            self._wake_up()
             if not waiting:
-                self.drained.set()
+                self._wake_down()
+
+    # -- parking: a Waiter per wait; a wake-up only tells the greenlet to look again
+    def _wait_down(self) -> None:
+        waiter = self._down = Waiter()
+        try:
+            waiter.get()
+        finally:
+            self._down = None
+
+    def _wait_up(self) -> None:
+        waiter = self._up = Waiter()
+        try:
+            waiter.get()
+        finally:
+            self._up = None
+
+    def _wake_down(self) -> None:
+        waiter = self._down
+        if waiter is not None:
+            self._down = None
+            self.endpoint.loop.run_callback(waiter.switch, None)
+
+    def _wake_up(self) -> None:
+        waiter = self._up
+        if waiter is not None:
+            self._up = None
+            self.endpoint.loop.run_callback(waiter.switch, None)
 
     # -- greenlets --------------------------------------------------------------------
     def upload(self, sock: socket.socket) -> None:
         """TCP -> KCP until EOF (then FIN) or an error (then abort)."""
         kcp = self.kcp
         endpoint = self.endpoint
+        # read the non-blocking socket under gevent's wrapper, and wait on the
+        # wrapper's own read watcher: less stack to keep while idle than
+        # gevent's sock.recv (close() still wakes us, with an error)
+        recv = sock._sock.recv  # type: ignore[attr-defined]
+        read_event = sock._read_event  # type: ignore[attr-defined]
         while not self.closed:
             if kcp.waitsnd() >= self.send_limit:
-                self.writable.clear()
-                self.writable.wait()
+                self._wait_up()
                 continue
             try:
-                data = sock.recv(self.chunk)
+                data = recv(self.chunk)
+            except BlockingIOError:
+                data = None
             except OSError as exc:
                 if not self.closed:
                     log.debug("%r: TCP read failed: %s", self, exc)
                     self.abort(Reason.ABORTED)
                 return
+            if data is None:  # park outside the except clause: nothing kept alive
+                waiter = Waiter()
+                read_event.start(waiter.switch, None)
+                try:
+                    waiter.get()
+                except OSError as exc:  # closed under us
+                    if not self.closed:
+                        log.debug("%r: TCP read failed: %s", self, exc)
+                        self.abort(Reason.ABORTED)
+                    return
+                finally:
+                    read_event.stop()
+                continue
             if self.closed:
                 return
             if not data:
@@ -139,8 +196,7 @@ class Conversation:
             if msg is None:
                 if self.closed:
                     return
-                self.readable.clear()
-                self.readable.wait()
+                self._wait_down()
                 continue
             if kcp.probe:  # the receive window reopened: tell the peer now
                 endpoint.mark_dirty(self)
@@ -175,15 +231,15 @@ class Conversation:
         connection, not three (a parked greenlet costs ~8 KiB).
         """
         self.sock = sock
-        up = gevent.spawn(self.upload, sock)
+        up = _Upload(None, self, sock)
+        up.start()
         try:
             self.download(sock)
             up.join()
             if not self.closed:
                 # wait until the peer has everything we sent, then linger
                 while not self.closed and self.kcp.waitsnd():
-                    self.drained.clear()
-                    self.drained.wait()
+                    self._wait_down()
         finally:
             up.kill(block=True)
             self._close_socket(reset=self.closed)
@@ -210,9 +266,8 @@ class Conversation:
         self._wake()
 
     def _wake(self) -> None:
-        self.readable.set()
-        self.writable.set()
-        self.drained.set()
+        self._wake_down()
+        self._wake_up()
 
     def _close_socket(self, *, reset: bool) -> None:
         sock = self.sock

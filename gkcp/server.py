@@ -17,6 +17,7 @@ import logging
 import socket
 from typing import List, Optional, Sequence, Tuple
 
+from gevent import Greenlet
 from gevent import socket as gsocket
 
 from .conversation import Conversation
@@ -38,6 +39,13 @@ from .sockopts import apply_outbound
 
 log = logging.getLogger(__name__)
 
+
+
+class _Serve(Greenlet):
+    """endpoint._serve(conv), without gevent's per-greenlet __dict__ for `run`."""
+
+    def _run(self, endpoint: "ServerEndpoint", conv: Conversation) -> None:
+        endpoint._serve(conv)
 
 
 class ServerEndpoint(Endpoint):
@@ -116,7 +124,7 @@ class ServerEndpoint(Endpoint):
         self.mark_dirty(conv)
         if not peer.validated:
             self.unvalidated(peer, conv.conv, now)
-        self.group.spawn(self._serve, conv)
+        self.group.start(_Serve(None, self, conv))
 
     def answer_ping(self, peer: Peer, message: ControlDatagram, now: int) -> None:
         """A PING from an unproven address is answered with a challenge instead."""
