@@ -546,7 +546,7 @@ FLOOD_RATE = 8_000  # datagrams per second: the flood lasts 12.5 s
 SMALL_LIMITS = Limits(sessions=1024, per_peer=64, half_open=64)
 FLOOD_CONNECTIONS = 2
 FLOOD_TRANSFER = 8 * MB  # echoed through each connection, in each of
-FLOOD_RUNS = 3  # runs with and without the flood: their medians are compared
+FLOOD_RUNS = 5  # runs with and without the flood: their medians are compared
 RUNAWAY = 4  # beyond this many times a bound, the flood is stopped early
 FLOOD_CASES = [
     pytest.param("per-source", SMALL_LIMITS, id="per-source-small-limits"),
