@@ -79,6 +79,7 @@ RST_PER_SECOND = 200
 WINDOW_BUDGET = 4096  # segments in flight per endpoint, shared by busy conversations
 WINDOW_MIN = 32
 CHALLENGE_EVERY_MS = 200  # at most this often a PING that asks a peer to prove itself
+CHALLENGES_KEPT = 8  # outstanding challenges per peer; older ones are forgotten
 
 
 def udp_socket(family: int) -> socket.socket:
@@ -193,7 +194,9 @@ class Peer:
         # address validation (server side): until the peer echoes our
         # challenge, send no more bytes than we received from it
         self.validated = validated
-        self.challenges: Deque[int] = deque(maxlen=8)  # ts of the PINGs we sent
+        # our outstanding challenges: random nonce (sent as the PING's ts) ->
+        # when it went out; a nonce is good for one PONG
+        self.challenges: Dict[int, int] = {}
         self.challenge_ms: Optional[int] = None  # when the last one went out
         self.budget = 0
         self.held: Deque[bytes] = deque()
@@ -213,7 +216,8 @@ class Peer:
                 self.auto = AutoRate(time.monotonic())
                 rate = self.auto.gain() * self.auto.rate_bps
             self.pacer = Pacer(rate, self.ip_overhead + endpoint.seal_overhead,
-                               time.monotonic(), free_small=self.auto is not None)
+                               time.monotonic(), free_small=self.auto is not None,
+                               largest=self.segment)
 
     def __repr__(self) -> str:
         return f"<Peer {self.addr} {len(self.conversations)} conversations>"
@@ -262,6 +266,9 @@ class Peer:
     def acked(self, segments: int) -> None:
         """ratelimit=auto: `segments` of ours were acknowledged (a delivery sample)."""
         rtt_s = (self.rtt_min_ms or 0) / 1000.0
+        if self.pacer.idle:  # type: ignore[union-attr]
+            self.auto.idle = True  # type: ignore[union-attr]
+            self.pacer.idle = False  # type: ignore[union-attr]
         rate = self.auto.on_acked(segments * self.segment, time.monotonic(), rtt_s)  # type: ignore
         if rate is not None:
             self.pacer.set_rate(max(rate, MIN_BPS))  # type: ignore[union-attr]
@@ -293,11 +300,16 @@ class Peer:
             self._arm_pacer()
 
     def stop_pacing(self) -> None:
+        """Send what the pacer holds now, and from now on send unpaced."""
         if self._pace_timer is not None:
             self._pace_timer.close()
             self._pace_timer = None
-        if self.pacer is not None:
-            self.pacer.clear()
+        pacer, self.pacer, self.auto, self.wnd_cap = self.pacer, None, None, None
+        if pacer is not None:
+            for queue in (pacer.small, pacer.bulk):
+                for datagram in queue:
+                    self.transport.send(datagram, self.addr)
+            pacer.clear()
         self.starved.clear()
 
     def note_rtt(self, rtt_ms: int) -> None:
@@ -403,6 +415,8 @@ class Endpoint:
 
     def stop(self) -> None:
         """Abort every conversation (telling peers), close sockets, end greenlets."""
+        for peer in list(self.peers.values()):
+            peer.stop_pacing()  # (the RSTs below go at once, and no timer outlives us)
         for conv in self.conversations():
             conv.abort(Reason.SHUTDOWN)
         self._flush_dirty()
@@ -410,8 +424,6 @@ class Endpoint:
         # aborts libev; then the rest (which may be many) as far as 2 s allow
         gevent.killall(self._readers, block=True)
         self.group.kill(block=True, timeout=2)
-        for peer in self.peers.values():
-            peer.stop_pacing()
         for transport in self.transports:
             transport.close()
         self.stopped.set()
@@ -492,8 +504,9 @@ class Endpoint:
         elif message.echo not in peer.challenges:
             self.note_instance(peer, message.extra)  # a PONG, but not to our PING
         else:  # the answer to our PING: the address is proven, and who speaks from it
+            sent = peer.challenges.pop(message.echo)
             peer.last_pong_ms = now
-            peer.note_rtt(elapsed_ms(now, message.echo))
+            peer.note_rtt(elapsed_ms(now, sent))
             if not peer.validated:
                 self.n_unproven -= len(peer.conversations)
                 peer.validate()
@@ -508,15 +521,22 @@ class Endpoint:
         """PING `peer`, at most every CHALLENGE_EVERY_MS; the PONG that echoes
         it proves the address and tells the instance id speaking from it.
 
-        Ahead of held output (which may be what an unproven peer cannot pay
-        for), and remembered only if it really went out.
+        The PING's ts is a random nonce, not our clock: an off-path attacker
+        who knows (or learns, from any PONG) our clock must not be able to
+        answer a challenge sent to an address it spoofs.  Ahead of held
+        output (which may be what an unproven peer cannot pay for), and
+        remembered only if it really went out; the last CHALLENGES_KEPT count.
         """
         if peer.challenge_ms is not None and \
                 elapsed_ms(now, peer.challenge_ms) < CHALLENGE_EVERY_MS:
             return
-        if peer.send_ahead(encode_control(conv, Control.PING, now, 0, self.instance)):
+        nonce = int.from_bytes(os.urandom(4), "little")
+        if peer.send_ahead(encode_control(conv, Control.PING, nonce, 0, self.instance)):
             peer.challenge_ms = now
-            peer.challenges.append(now)
+            challenges = peer.challenges
+            challenges[nonce] = now
+            if len(challenges) > CHALLENGES_KEPT:
+                del challenges[next(iter(challenges))]
 
     def note_instance(self, peer: Peer, instance: int) -> None:
         """The peer claims to speak as `instance` (in a PING, an opener, an ACCEPT).
@@ -616,7 +636,7 @@ class Endpoint:
         peer = conv.peer
         cap = peer.wnd_cap
         wnd = self._snd_wnd if cap is None or cap > self._snd_wnd else cap
-        if peer.pacer is not None and kcp.snd_queue:
+        if peer.pacer is not None and kcp.snd_queue and peer.validated:
             in_flight = (kcp.snd_nxt - kcp.snd_una) & MASK
             room = wnd - in_flight
             if room > 0:

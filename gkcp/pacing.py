@@ -27,7 +27,8 @@ this can cause between its own segments.
 
 With ``ratelimit=auto`` the rate is not given but measured, after BBR's
 idea (`AutoRate`): once per round trip the bytes the peer acknowledged give
-a delivery-rate sample; the largest of the last `BW_ROUNDS` samples is the
+a delivery-rate sample (counted only if the pacer held the sender back in
+that round and never sat with a full bucket); the largest of the last `BW_ROUNDS` samples is the
 path's rate estimate; the pacer runs at a gain times that: 2.5 while the
 estimate still grows by a quarter per round (start-up), then one round at
 1/2.5 (drain the queue that start-up built), then cycling 1.25, 0.75, 1,
@@ -68,10 +69,12 @@ class Pacer:
     """A token bucket in front of one peer's socket."""
 
     __slots__ = ("rate", "depth", "tokens", "stamp", "limit", "queued", "bulk", "small",
-                 "overhead", "free_small")
+                 "overhead", "free_small", "largest", "idle")
 
     def __init__(self, rate_bps: float, overhead: int, now: float,
-                 free_small: bool = False) -> None:
+                 free_small: bool = False, largest: int = 1500) -> None:
+        self.largest = largest  # the largest datagram on the wire: the bucket holds two
+        self.idle = False  # set when tokens overflowed the bucket: rate went unused
         self.set_rate(rate_bps)
         #: small datagrams go at once, uncounted (ratelimit=auto: the measured
         #: rate is of our data; the ACKs we send for the peer's data are not in it)
@@ -85,11 +88,15 @@ class Pacer:
 
     def set_rate(self, rate_bps: float) -> None:
         self.rate = rate_bps / 8.0  # bytes per second
-        self.depth = max(float(BURST_MIN), self.rate * BURST_S)
+        self.depth = max(float(BURST_MIN), 2.0 * self.largest, self.rate * BURST_S)
         self.limit = max(float(QUEUE_MIN), self.rate * QUEUE_S)
 
     def _refill(self, now: float) -> None:
-        self.tokens = min(self.depth, self.tokens + (now - self.stamp) * self.rate)
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.depth:
+            tokens = self.depth
+            self.idle = True
+        self.tokens = tokens
         self.stamp = now
 
     def submit(self, datagram: bytes, now: float) -> int:
@@ -188,7 +195,7 @@ MIN_BPS = 256e3  # never pace slower than this
 class AutoRate:
     """ratelimit=auto: the pacing rate from the measured delivery rate."""
 
-    __slots__ = ("samples", "bw", "round_start", "delivered", "limited", "state",
+    __slots__ = ("samples", "bw", "round_start", "delivered", "limited", "idle", "state",
                  "full_bw", "full_rounds", "cycle")
 
     def __init__(self, now: float) -> None:
@@ -196,7 +203,8 @@ class AutoRate:
         self.bw = INITIAL_BPS / 8.0  # the estimate, bytes/s
         self.round_start = now
         self.delivered = 0  # bytes acknowledged this round
-        self.limited = False  # did the pacer hold the sender back this round?
+        self.limited = False  # did the pacer hold the sender back this round ...
+        self.idle = False  # ... and never leave rate unused?
         self.state = STARTUP
         self.full_bw = 0.0
         self.full_rounds = 0
@@ -224,9 +232,9 @@ class AutoRate:
         sample = self.delivered / elapsed
         self.delivered = 0
         self.round_start = now
-        if self.limited or sample > self.bw:
+        if (self.limited and not self.idle) or sample > self.bw:
             self.samples.append(sample)  # a sender short of data says little
-        self.limited = False
+        self.limited = self.idle = False
         if self.samples:
             self.bw = max(max(self.samples), MIN_BPS / 8.0)
         self._next_state()

@@ -191,7 +191,9 @@ def test_paced_transfer_keeps_the_queue(targets, tunnels, clients, link, extra):
     counts = download_through_bottleneck(targets, tunnels, clients, link,
                                          "mode=fast2;ratelimit=7.6M" + extra)
     print(f"\npaced: {counts}")
-    assert counts.get("queue_drops", 0) <= 0.01 * counts["through_bottleneck"]
+    # (the issue's bar: under 5 % self-caused drops; usually 0 here, but once 166 of
+    # 2464 right after the unpaced test in the same process, cause not pinned down)
+    assert counts.get("queue_drops", 0) < 0.05 * counts["through_bottleneck"]
 
 
 def test_auto_rate_finds_the_bottleneck(targets, tunnels, clients, link):
@@ -212,3 +214,22 @@ def test_auto_rate_finds_the_bottleneck(targets, tunnels, clients, link):
     assert counts.get("queue_drops", 0) <= 0.25 * counts["through_bottleneck"]
     # (wide: a loaded machine handles ACKs in bursts, which inflates some samples)
     assert len(estimates) == 1 and 0.6 * RATE <= estimates[0] <= 1.6 * RATE
+
+
+@pytest.mark.parametrize("rate", ["10M", "auto"])
+def test_datagrams_larger_than_a_burst_still_go(targets, tunnels, clients, rate):
+    """mtu=9000: the bucket must hold whole datagrams (it holds two of the
+    largest), or nothing could ever leave."""
+    sent = gevent.event.AsyncResult()
+
+    def handler(sock, _addr):
+        sent.set(send_random(sock, 78, SIZE // 4))
+        recv_to_eof(sock)
+
+    opts = tunnel_helpers.fast_options(text=f"mode=fast2;mtu=9000;ratelimit={rate}")
+    tunnel = tunnels(targets.start(handler), opts)
+    sock = clients.connect(tunnel.address)
+    with gevent.Timeout(30, AssertionError("jumbo datagrams never left the pacer")):
+        received, digest = recv_to_eof(sock)
+    assert received == SIZE // 4
+    assert digest == sent.get(timeout=5)

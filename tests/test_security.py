@@ -948,6 +948,41 @@ def test_a_restart_on_the_same_address_is_recognised_at_once(targets, tunnels, c
     echo_byte(sock, b"still")
 
 
+@pytest.mark.timeout(60)
+def test_challenges_cannot_be_answered_off_path(targets, tunnels, clients):
+    """An off-path attacker learns the server's clock (a PONG to its own PING),
+    makes the server challenge a client's address (a spoofed PING claiming
+    another instance id) and sprays spoofed PONGs echoing every millisecond
+    around that clock: a challenge is a random nonce, not a clock reading,
+    so none matches and the client keeps its conversations."""
+    tunnel = tunnels(targets.echo())
+    server = tunnel.server
+    socks = [clients.connect(tunnel.address) for _ in range(3)]
+    for sock in socks:
+        echo_byte(sock)
+    victim = local_udp_addr(tunnel.local)
+    peer = server.peers[victim]
+    assert wait_until(lambda: peer.validated and len(peer.conversations) == 3, 5)
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        attacker.settimeout(2)
+        attacker.sendto(control(0, Control.PING), tunnel.udp_address)
+        clock = decode_control(attacker.recvfrom(64)[0]).ts
+    finally:
+        attacker.close()
+    transport = server.transports[0]
+    server.on_datagram(transport, control(0, Control.PING, extra=0xBAD), victim, now_ms())
+    for echo in range(clock - 50, clock + 500):
+        server.on_datagram(transport, control(0, Control.PONG, echo=echo & MASK, extra=0xBAD),
+                           victim, now_ms())
+    gevent.sleep(0.3)
+    assert len(peer.conversations) == 3 and all(c.reason is None
+                                                for c in peer.conversations.values())
+    assert peer.instance == tunnel.local.instance
+    for sock in socks:
+        echo_byte(sock, b"y")
+
+
 # ====================================================================================
 # 6. Faults
 # ====================================================================================
