@@ -356,7 +356,11 @@ class Peer:
             self.held_bytes -= len(datagram) + overhead
             if not self.validated:
                 self.budget -= len(datagram) + overhead
-            self.transport.send(datagram, self.addr)
+                self.transport.send(datagram, self.addr)
+            elif self.pacer is None:
+                self.transport.send(datagram, self.addr)
+            else:  # validated just now: what was held leaves at the paced rate
+                self._paced(datagram)
 
     def control(self, conv: int, cmd: Control, echo: int = 0, extra: int = 0,
                 flags: int = 0) -> None:
