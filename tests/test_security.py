@@ -971,7 +971,9 @@ def test_challenges_cannot_be_answered_off_path(targets, tunnels, clients):
     finally:
         attacker.close()
     transport = server.transports[0]
+    gevent.sleep(0.25)  # past the rate limit of challenges (the one that validated it)
     server.on_datagram(transport, control(0, Control.PING, extra=0xBAD), victim, now_ms())
+    assert peer.challenges, "the spoofed claim made the server challenge the address"
     for echo in range(clock - 50, clock + 500):
         server.on_datagram(transport, control(0, Control.PONG, echo=echo & MASK, extra=0xBAD),
                            victim, now_ms())
