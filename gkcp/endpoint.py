@@ -306,10 +306,8 @@ class Peer:
             self._pace_timer = None
         pacer, self.pacer, self.auto, self.wnd_cap = self.pacer, None, None, None
         if pacer is not None:
-            for queue in (pacer.small, pacer.bulk):
-                for datagram in queue:
-                    self.transport.send(datagram, self.addr)
-            pacer.clear()
+            for datagram in pacer.take_all():
+                self.transport.send(datagram, self.addr)
         self.starved.clear()
 
     def note_rtt(self, rtt_ms: int) -> None:
@@ -357,10 +355,8 @@ class Peer:
             if not self.validated:
                 self.budget -= len(datagram) + overhead
                 self.transport.send(datagram, self.addr)
-            elif self.pacer is None:
-                self.transport.send(datagram, self.addr)
-            else:  # validated just now: what was held leaves at the paced rate
-                self._paced(datagram)
+            else:  # validated just now: as any output (so paced, with ratelimit)
+                self.output(datagram)
 
     def control(self, conv: int, cmd: Control, echo: int = 0, extra: int = 0,
                 flags: int = 0) -> None:

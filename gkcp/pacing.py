@@ -151,10 +151,13 @@ class Pacer:
         missing = len(head) + self.overhead - self.tokens
         return max(missing / self.rate, 0.0)
 
-    def clear(self) -> None:
+    def take_all(self) -> List[bytes]:
+        """Everything queued, in sending order, regardless of tokens; empties the queue."""
+        out = list(self.small) + list(self.bulk)
         self.small.clear()
         self.bulk.clear()
         self.queued = 0
+        return out
 
 
 def paced_window(rate_bps: float, rtt_ms: Optional[int], segment: int) -> Optional[int]:
