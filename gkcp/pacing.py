@@ -27,13 +27,14 @@ this can cause between its own segments.
 
 With ``ratelimit=auto`` the rate is not given but measured, after BBR's
 idea (`AutoRate`): once per round trip the bytes the peer acknowledged give
-a delivery-rate sample (counted only if the pacer held the sender back in
-that round and never sat with a full bucket); the largest of the last `BW_ROUNDS` samples is the
+a delivery-rate sample; the largest of the last `BW_ROUNDS` samples is the
 path's rate estimate; the pacer runs at a gain times that: 2.5 while the
 estimate still grows by a quarter per round (start-up), then one round at
-1/2.5 (drain the queue that start-up built), then cycling 1.25, 0.75, 1,
-1, 1, 1, 1, 1 (probe for more, drain, cruise).  Rounds in which the sender
-had less to send than the pacer allowed do not lower the estimate.
+1/2.5 (drain the queue that start-up built), then cycling 1.25, 1.25,
+0.75, 1, 1, 1, 1, 1 (probe for more for two rounds, since a round's
+samples show the rate of the round before; drain; cruise).  A sample
+lowers the estimate only if the pacer held the sender back in that round
+and never sat with a full bucket (a sender short of data says little).
 
 Nothing here does I/O or reads a clock: the caller passes `now` (seconds)
 and sends what `release` returns.
